@@ -1,0 +1,45 @@
+"""`sparse-embed embed SOURCE --out OUT --model NAME`: the main job."""
+from __future__ import annotations
+
+import argparse
+
+from .options import add_encoder_arguments, encoder_spec, fraction, positive_int
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SOURCE", help="image prefix: s3://bucket/prefix/ or a local directory")
+    p.add_argument("--out", required=True, help="output prefix (s3:// or local): gets embeddings/, errors/, image_ids/, index/, runs/")
+    add_encoder_arguments(p)
+    g = p.add_argument_group("job")
+    g.add_argument("--ext", dest="extensions", default=".jpg,.jpeg,.png,.webp,.bmp,.gif,.tif,.tiff",
+                   help="comma-separated file extensions to include (default: common image types)")
+    g.add_argument("--glob", default=None, help="only keys whose name (or full key) matches this glob, e.g. '*_large.jpg'")
+    g.add_argument("--decode-batch-size", type=positive_int, default=32, help="objects fetched and decoded per CPU task batch (default 32)")
+    g.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass on an embed actor (default 32)")
+    g.add_argument("--actors", type=positive_int, default=None, help="embed actors (default: one per GPU; one on a CPU-only cluster)")
+    g.add_argument("--actor-cpus", type=float, default=None, help="CPUs per embed actor (default: 1 with GPUs, half the CPUs without)")
+    g.add_argument("--max-pixels", type=positive_int, default=178_956_970,
+                   help="decoded-size guard against decompression bombs (default 178956970, Pillow's own)")
+    g.add_argument("--max-error-rate", type=fraction, default=1.0,
+                   help="exit 1 when failed/processed exceeds this fraction (default 1.0: never)")
+    g.add_argument("--no-index", dest="build_index", action="store_false", help="skip the final index build stage")
+    g.add_argument("--index-shards", type=positive_int, default=None, help="index shards (default: one per CPU, at most one per table file)")
+
+
+def run(args) -> int:
+    from pipeline.embed_run import EmbedConfig, run_embed
+    from pipeline.report import summary
+
+    cfg = EmbedConfig(
+        source=args.source, out=args.out, spec=encoder_spec(args),
+        extensions=tuple(e.strip() if e.strip().startswith(".") else "." + e.strip() for e in args.extensions.split(",") if e.strip()),
+        glob=args.glob, decode_batch_size=args.decode_batch_size, embed_batch_size=args.batch_size,
+        actors=args.actors, actor_cpus=args.actor_cpus, max_pixels=args.max_pixels,
+        max_error_rate=args.max_error_rate, build_index=args.build_index, index_shards=args.index_shards,
+    )
+    result = run_embed(cfg)
+    print(summary(result), end="")
+    if result["error_rate"] > cfg.max_error_rate:
+        print(f"error rate {result['error_rate']:.2%} exceeds --max-error-rate {cfg.max_error_rate:.2%}")
+        return 1
+    return 0

@@ -1,0 +1,63 @@
+"""Options shared by several commands, and their parsing into typed values."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def model_arg(text: str) -> tuple[str, object]:
+    """`key=value` -> (key, value), value parsed as JSON when it is (5, 0.5, true), else a string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+# Mirrors encoders.heads.POOLS (a test keeps them equal): importing encoders loads torch,
+# which would make `--help` slow.
+POOLS = ("token", "avg", "gem")
+
+
+def add_encoder_arguments(p: argparse.ArgumentParser, *, default_model: str | None = None) -> None:
+    g = p.add_argument_group("encoder")
+    g.add_argument("--model", required=default_model is None, default=default_model,
+                   help="encoder name: any timm model (random init unless --checkpoint) or one of ours, "
+                        "e.g. biformer_tiny, lookupvit_small_patch16" + (f" (default {default_model})" if default_model else ""))
+    g.add_argument("--checkpoint", default=None,
+                   help="weights from any fsspec URI: .safetensors, or a torch file loadable with weights_only=True")
+    g.add_argument("--model-arg", dest="model_args", action="append", type=model_arg, default=[], metavar="KEY=VALUE",
+                   help="extra timm create_model keyword, repeatable (e.g. compressed_grid=5)")
+    g.add_argument("--pool", choices=POOLS, default="token",
+                   help="embedding pooling: the model's own pre-logits (token), or average/GeM over the last feature map")
+    g.add_argument("--fuse-last-two", action="store_true", help="concatenate pooled features of the last two stages (needs --pool avg|gem)")
+    g.add_argument("--proj-dim", type=positive_int, default=None, help="project embeddings to this width (seeded orthogonal projection)")
+
+
+def encoder_spec(args) -> dict:
+    from encoders import EncoderSpec
+
+    return EncoderSpec(model=args.model, checkpoint=args.checkpoint, model_args=dict(args.model_args),
+                       pool=args.pool, fuse_last_two=args.fuse_last_two, proj_dim=args.proj_dim).to_dict()

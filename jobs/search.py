@@ -1,0 +1,42 @@
+"""`sparse-embed search --index OUT/index --image PATH_OR_URI -k 10`."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from .options import positive_int
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", required=True, help="index root URI (holds CURRENT), e.g. s3://bucket/emb/index")
+    p.add_argument("--index-id", default=None, help="search this index instead of the one CURRENT points to")
+    p.add_argument("--image", action="append", required=True, metavar="PATH_OR_URI",
+                   help="query image (local path or s3:// URI); repeat for a batch of queries")
+    p.add_argument("-k", type=positive_int, default=10, help="results per query (default 10)")
+    p.add_argument("--json", action="store_true", help="print results as JSON lines")
+    p.add_argument("--contact-sheet", default=None, metavar="PATH_OR_URI",
+                   help="also write the query and its results as one image (.jpg/.png); with several queries, "
+                        "one sheet per query with its index before the extension")
+
+
+def run(args) -> int:
+    from pipeline.contact_sheet import contact_sheet
+    from pipeline.search import ShardedIndex, embed_queries
+
+    index = ShardedIndex.open(args.index, index_id=args.index_id)
+    vectors = embed_queries(args.image, index.manifest)
+    for qi, (query, hits) in enumerate(zip(args.image, index.hits(vectors, args.k))):
+        if args.json:
+            print(json.dumps({"query": query, "results": [h.__dict__ for h in hits]}))
+        else:
+            print(f"query {query}")
+            for h in hits:
+                print(f"  {h.rank:3d}  {h.score:.4f}  {h.uri}")
+        if args.contact_sheet:
+            out = args.contact_sheet
+            if len(args.image) > 1:
+                stem, dot, ext = out.rpartition(".")
+                out = f"{stem}_{qi}.{ext}" if dot else f"{out}_{qi}"
+            contact_sheet(query, hits, out)
+            print(f"  contact sheet: {out}")
+    return 0

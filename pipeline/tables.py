@@ -1,0 +1,115 @@
+"""The Delta tables under an output prefix, and their schemas (DESIGN.md, data contracts).
+
+<out>/embeddings  one row per embedded object
+<out>/errors      one row per object whose latest attempt failed
+<out>/image_ids   uri -> image_id, append-only: ids stay stable for a URI across runs,
+                  even after it is deleted and comes back, and are never reused
+"""
+from __future__ import annotations
+
+import logging
+
+from . import storage
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS, ERRORS, IMAGE_IDS = "embeddings", "errors", "image_ids"
+
+
+def embeddings_schema(dim: int):
+    import pyarrow as pa
+
+    return pa.schema([
+        ("image_id", pa.int64()),
+        ("uri", pa.string()),
+        ("etag", pa.string()),
+        ("size", pa.int64()),
+        ("mtime", pa.timestamp("us", tz="UTC")),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("embedding", pa.list_(pa.float32(), dim)),
+        ("model", pa.string()),
+        ("model_version", pa.string()),
+        ("run_id", pa.string()),
+    ])
+
+
+def errors_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("image_id", pa.int64()),
+        ("uri", pa.string()),
+        ("etag", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+        ("run_id", pa.string()),
+    ])
+
+
+def image_ids_schema():
+    import pyarrow as pa
+
+    return pa.schema([("uri", pa.string()), ("image_id", pa.int64()), ("run_id", pa.string())])
+
+
+def table_uri(out: str, name: str) -> str:
+    return storage.join(out, name)
+
+
+def open_table(uri: str, version: int | None = None):
+    """The DeltaTable at `uri`, or None if there is none yet."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        return DeltaTable(uri, version=version, storage_options=storage.delta_storage_options(uri))
+    except TableNotFoundError:
+        return None
+
+
+def ensure_table(uri: str, schema):
+    """Open the table, creating it empty (version 0) with `schema` if missing."""
+    from deltalake import DeltaTable
+
+    dt = open_table(uri)
+    if dt is None:
+        dt = DeltaTable.create(uri, schema=schema, mode="ignore", storage_options=storage.delta_storage_options(uri))
+    return dt
+
+
+def read_columns(uri: str, columns: list[str], version: int | None = None):
+    """Selected columns of a table as Arrow (empty table with those columns if none exists)."""
+    import pyarrow as pa
+
+    dt = open_table(uri, version)
+    if dt is None:
+        return None
+    return pa.table(dt.to_pyarrow_table(columns=columns))
+
+
+def append(uri: str, table, schema) -> int:
+    """One atomic append commit; returns the new table version."""
+    from deltalake import write_deltalake
+
+    ensure_table(uri, schema)
+    write_deltalake(uri, table.cast(schema), mode="append", storage_options=storage.delta_storage_options(uri))
+    return open_table(uri).version()
+
+
+def delete_matching(uri: str, keys, on: tuple[str, ...]) -> int:
+    """Delete rows whose `on` columns equal a row of `keys` (an Arrow table), in one commit.
+    Returns the number of rows deleted."""
+    dt = open_table(uri)
+    if dt is None or keys.num_rows == 0:
+        return 0
+    predicate = " AND ".join(f"t.{c} = s.{c}" for c in on)
+    metrics = (dt.merge(source=keys.select(list(on)), predicate=predicate, source_alias="s", target_alias="t")
+               .when_matched_delete().execute())
+    return int(metrics.get("num_target_rows_deleted", 0))
+
+
+def version_of(uri: str) -> int | None:
+    dt = open_table(uri)
+    return None if dt is None else dt.version()

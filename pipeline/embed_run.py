@@ -96,13 +96,14 @@ def _todo(listed, out: str, model_version: str):
             if u in todo_uris or u not in listed_uris or u in done_keys:
                 clear_errors["uri"].append(u)
                 clear_errors["etag"].append(e)
+    failed_before = set(err.column("uri").to_pylist()) if err is not None else set()
     counts = {
         "listed": listed.num_rows,
-        "new": len(todo_uris - embedded_before),
+        "new": len(todo_uris - embedded_before - failed_before),
         "changed": len(todo_uris & embedded_before),
         "deleted": len(embedded_before - listed_uris),
         "unchanged": len(done_keys),
-        "retried": len(todo_uris & set(clear_errors["uri"])),
+        "retried": len((todo_uris - embedded_before) & failed_before),
     }
     return todo, pa.table(stale, schema=pa.schema([("uri", pa.string()), ("etag", pa.string())])), \
         pa.table(clear_errors, schema=pa.schema([("uri", pa.string()), ("etag", pa.string())])), counts
@@ -139,7 +140,8 @@ def run_embed(cfg: EmbedConfig) -> dict:
             resources = ensure_ray()
         pool = plan_actors(resources, actors=cfg.actors, actor_cpus=cfg.actor_cpus)
         with timer.stage("fetch+decode+embed+write"):
-            n_blocks = min(MAX_BLOCKS, -(-todo.num_rows // cfg.decode_batch_size))  # one decode batch per block
+            # One decode batch per block, and at least two blocks per actor so none idles.
+            n_blocks = min(MAX_BLOCKS, max(-(-todo.num_rows // cfg.decode_batch_size), min(todo.num_rows, 2 * pool["size"])))
             ds = ray.data.from_arrow(todo).repartition(n_blocks)
             ds = ds.map_batches(fetch_decode_batch, batch_format="pyarrow", batch_size=cfg.decode_batch_size,
                                 fn_kwargs={"data_config": enc.data_config, "max_pixels": cfg.max_pixels})

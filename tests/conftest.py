@@ -1,6 +1,6 @@
 """Shared fixtures: a real S3 server on loopback (weed mini) and a real local Ray.
 
-Both are session-scoped: the store starts once (~2 s), Ray once (~5 s). The store's
+The store is session-scoped (~2 s to start), Ray module-scoped (~5 s). The store's
 AWS_* settings go into os.environ before Ray starts, so Ray's workers inherit them.
 """
 from __future__ import annotations
@@ -47,9 +47,10 @@ def bucket(object_store):
     return object_store.create_bucket(f"t-{uuid.uuid4().hex[:10]}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(object_store):
-    """A local Ray with 2 CPUs whose workers see the object store's AWS_* settings."""
+    """A local Ray with 2 CPUs whose workers see the object store's AWS_* settings
+    (module-scoped, so a module may start a cluster of its own instead)."""
     import ray
 
     if ray.is_initialized():

@@ -16,6 +16,8 @@ COMMANDS = {
     "embed": ("embed", "embed every image under SOURCE into OUT/embeddings (Delta) and build an index"),
     "index": ("index", "index operations: `index build` builds a sharded FAISS index from the table"),
     "search": ("search", "search an index with query images; prints top-k URIs and scores"),
+    "nightly": ("nightly", "scheduled run: lock OUT, embed what changed, update the index, report; safe to kill and rerun"),
+    "runs": ("runs", "run history: `runs list --out OUT`"),
     "demo": ("demo", "start a local object store, fill it with generated images, run every flow"),
     "bench": ("bench", "benchmarks: `bench encoders`"),
     "store": ("store", "run the local S3 object store (SeaweedFS) until Ctrl-C, printing its AWS_* settings"),

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decoded-size guard against decompression bombs (default 178956970, Pillow's own)")
     g.add_argument("--max-error-rate", type=fraction, default=1.0,
                    help="exit 1 when failed/processed exceeds this fraction (default 1.0: never)")
+    g.add_argument("--max-attempts", type=positive_int, default=3,
+                   help="failures at one ETag before an object is no longer retried (default 3)")
     g.add_argument("--no-index", dest="build_index", action="store_false", help="skip the final index build stage")
     g.add_argument("--index-shards", type=positive_int, default=None, help="index shards (default: one per CPU, at most one per table file)")
 
@@ -35,7 +37,7 @@ def run(args) -> int:
         extensions=tuple(e.strip() if e.strip().startswith(".") else "." + e.strip() for e in args.extensions.split(",") if e.strip()),
         glob=args.glob, decode_batch_size=args.decode_batch_size, embed_batch_size=args.batch_size,
         actors=args.actors, actor_cpus=args.actor_cpus, max_pixels=args.max_pixels,
-        max_error_rate=args.max_error_rate, build_index=args.build_index, index_shards=args.index_shards,
+        max_error_rate=args.max_error_rate, max_attempts=args.max_attempts, build_index=args.build_index, index_shards=args.index_shards,
     )
     result = run_embed(cfg)
     print(summary(result), end="")

@@ -1,9 +1,11 @@
 """Stage 5: a Ray Datasink that writes embedding rows and error rows to their Delta tables.
 
 Write tasks put Parquet files into each table's directory; nothing is visible until the
-driver commits them: one atomic Delta commit per table in on_write_complete. A crash
-before the commit leaves only unreferenced files (invisible to readers, removed by
-VACUUM), so a rerun neither duplicates nor drops rows.
+driver commits them: one atomic Delta commit per table in on_write_complete. Each
+finished file also gets a marker under <root>/_pending/<table>/; markers are deleted once
+their file is committed. If the driver dies mid-run, the next run commits the files its
+markers name (`recover_pending`) before diffing, so finished work is kept, and nothing
+is committed twice: a marker whose file is already in the table is only deleted.
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ class WrittenFile:
 class CommitResult:
     versions: dict = field(default_factory=dict)  # table -> version after commit (None: nothing committed)
     rows: dict = field(default_factory=dict)  # table -> rows committed
-    error_counts: dict = field(default_factory=dict)  # "stage:error_type" -> count
 
 
 def split_rows(batch, *, run_id: str, dim: int):
@@ -42,8 +43,10 @@ def split_rows(batch, *, run_id: str, dim: int):
     bad = batch.filter(failed)
     run = lambda t: pa.array([run_id] * t.num_rows, pa.string())  # noqa: E731
     emb = ok.append_column("run_id", run(ok)).select(tables.embeddings_schema(dim).names).cast(tables.embeddings_schema(dim))
-    err = (bad.rename_columns({"error_stage": "stage", "error_message": "message"} | {c: c for c in bad.column_names if c not in ("error_stage", "error_message")})
-           .append_column("run_id", run(bad)).select(tables.errors_schema().names).cast(tables.errors_schema()))
+    err = bad.rename_columns({"error_stage": "stage", "error_message": "message"} | {c: c for c in bad.column_names if c not in ("error_stage", "error_message")})
+    attempts = pc.add(err.column("attempts"), 1) if "attempts" in err.column_names else pa.array([1] * err.num_rows, pa.int32())
+    err = (err.drop_columns([c for c in ("attempts",) if c in err.column_names]).append_column("attempts", attempts)
+           .append_column("run_id", run(err)).select(tables.errors_schema().names).cast(tables.errors_schema()))
     return emb, err
 
 
@@ -81,25 +84,60 @@ class EmbeddingTableSink(Datasink):
             rel = f"part-{self.run_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:12]}.parquet"
             fs, root = storage.arrow_filesystem(tables.table_uri(self.out, name))
             path = f"{root}/{rel}"
-            with fs.open_output_stream(path) as f:
+            tmp = path if storage.is_s3(self.out) else f"{root}/.{rel}.tmp"  # an S3 PUT is atomic; a local write is not
+            with fs.open_output_stream(tmp) as f:
                 pq.write_table(table, f, compression="zstd")
-            written.append(WrittenFile(name, rel, fs.get_file_info(path).size, table.num_rows))
+            if tmp != path:
+                fs.move(tmp, path)
+            done = WrittenFile(name, rel, fs.get_file_info(path).size, table.num_rows)
+            storage.write_bytes_atomic(marker_uri(self.out, done), json.dumps(done.__dict__).encode())
+            written.append(done)
         return written
 
     def on_write_complete(self, write_result) -> None:
-        from deltalake.transaction import AddAction
-
         files = [f for task in write_result.write_returns for f in task]
-        now_ms = int(time.time() * 1000)
-        for name, schema in ((tables.EMBEDDINGS, tables.embeddings_schema(self.dim)), (tables.ERRORS, tables.errors_schema())):
-            mine = [f for f in files if f.table == name]
-            uri = tables.table_uri(self.out, name)
-            self.result.rows[name] = sum(f.rows for f in mine)
-            if not mine:
-                self.result.versions[name] = tables.version_of(uri)
-                continue
+        for name in (tables.EMBEDDINGS, tables.ERRORS):
+            self.result.rows[name] = sum(f.rows for f in files if f.table == name)
+        self.result.versions, _ = commit_files(self.out, files, dim=self.dim)
+
+
+def marker_uri(root: str, f: WrittenFile) -> str:
+    return storage.join(root, "_pending", f.table, f.path + ".json")
+
+
+def commit_files(root: str, files: list[WrittenFile], *, dim: int) -> tuple[dict, int]:
+    """One append commit per table for `files` not yet in it, then delete their markers.
+    Returns (table -> version after, rows newly committed)."""
+    from deltalake.transaction import AddAction
+
+    versions, committed = {}, 0
+    now_ms = int(time.time() * 1000)
+    for name, schema in ((tables.EMBEDDINGS, tables.embeddings_schema(dim)), (tables.ERRORS, tables.errors_schema())):
+        uri = tables.table_uri(root, name)
+        dt = tables.ensure_table(uri, schema)
+        active = {p.rsplit("/", 1)[-1] for p in dt.file_uris()}
+        mine = [f for f in files if f.table == name and f.path not in active]
+        if mine:
             actions = [AddAction(path=f.path, size=f.size, partition_values={}, modification_time=now_ms,
                                  data_change=True, stats=json.dumps({"numRecords": f.rows})) for f in mine]
-            dt = tables.open_table(uri)
             dt.create_write_transaction(actions, mode="append", schema=schema)
-            self.result.versions[name] = tables.version_of(uri)
+            committed += sum(f.rows for f in mine)
+        versions[name] = tables.version_of(uri)
+    fs = storage.filesystem(root)
+    for f in files:
+        fs.rm_file(storage.strip_scheme(marker_uri(root, f)))
+    return versions, committed
+
+
+def recover_pending(root: str, *, dim: int) -> int:
+    """Commit files that an earlier run wrote but never committed. Returns their row count."""
+    fs = storage.filesystem(root)
+    base = storage.strip_scheme(storage.join(root, "_pending"))
+    try:
+        paths = [p for p in fs.find(base) if p.endswith(".json")]
+    except FileNotFoundError:
+        return 0
+    if not paths:
+        return 0
+    files = [WrittenFile(**json.loads(fs.cat_file(p))) for p in paths]
+    return commit_files(root, files, dim=dim)[1]

@@ -2,6 +2,7 @@
 
 <out>/embeddings  one row per embedded object
 <out>/errors      one row per object whose latest attempt failed
+<out>/listing     the latest listing (uri, etag, size, mtime), overwritten each run
 <out>/image_ids   uri -> image_id, append-only: ids stay stable for a URI across runs,
                   even after it is deleted and comes back, and are never reused
 """
@@ -13,7 +14,7 @@ from . import storage
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS, ERRORS, IMAGE_IDS = "embeddings", "errors", "image_ids"
+EMBEDDINGS, ERRORS, IMAGE_IDS, LISTING = "embeddings", "errors", "image_ids", "listing"
 
 
 def embeddings_schema(dim: int):
@@ -44,6 +45,7 @@ def errors_schema():
         ("stage", pa.string()),
         ("error_type", pa.string()),
         ("message", pa.string()),
+        ("attempts", pa.int32()),  # failed attempts at this etag; retries stop at the run's max_attempts
         ("run_id", pa.string()),
     ])
 
@@ -113,3 +115,13 @@ def delete_matching(uri: str, keys, on: tuple[str, ...]) -> int:
 def version_of(uri: str) -> int | None:
     dt = open_table(uri)
     return None if dt is None else dt.version()
+
+
+def overwrite(uri: str, data, schema) -> int:
+    """Replace the table's rows in one commit (earlier versions stay readable by time
+    travel); `data` is an Arrow table or a RecordBatchReader. Returns the new version."""
+    from deltalake import write_deltalake
+
+    ensure_table(uri, schema)
+    write_deltalake(uri, data, mode="overwrite", schema_mode="overwrite", storage_options=storage.delta_storage_options(uri))
+    return open_table(uri).version()

@@ -114,9 +114,3 @@ def test_rerun_with_nothing_changed_embeds_nothing(embedded):
     assert after.equals(before), "ids and rows are stable across runs"
     err = _table(out, tables.ERRORS, ["uri"])
     assert err.num_rows == 3, "a retried failure replaces its error row"
-
-
-def test_model_version_mismatch_is_refused(embedded):
-    spec = SPEC | {"model": "resnet10t"}
-    with pytest.raises(ValueError, match="model_version"):
-        run_embed(EmbedConfig(source=embedded["source"], out=embedded["out"], spec=spec, build_index=False))

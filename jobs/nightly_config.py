@@ -1,0 +1,116 @@
+"""nightly.yaml: the nightly job's configuration, validated field by field.
+
+Every wrong field gets a message that names it, says what is accepted and shows what was
+given; unknown fields are errors (a typo must not silently fall back to a default).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .options import POOLS
+
+EXAMPLE = """\
+source: s3://bucket/images/       # prefix to embed (required)
+out: s3://bucket/emb              # output prefix (required)
+model: biformer_tiny              # encoder name (required)
+checkpoint: s3://models/bf_t.safetensors
+model_args: {}                    # extra create-model keywords
+pool: token                       # token | avg | gem
+extensions: [.jpg, .jpeg, .png, .webp]
+batch_size: 32
+decode_batch_size: 32
+max_error_rate: 0.05              # exit 1 above this fraction of failed objects
+max_attempts: 3                   # failures at one ETag before an object is left alone
+lock_ttl_s: 900                   # a lock without heartbeat for this long is stale
+index: true                       # update the index after embedding
+"""
+
+
+@dataclass
+class NightlyConfig:
+    source: str
+    out: str
+    model: str
+    checkpoint: str | None = None
+    model_args: dict = field(default_factory=dict)
+    pool: str = "token"
+    fuse_last_two: bool = False
+    proj_dim: int | None = None
+    extensions: list = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"])
+    glob: str | None = None
+    batch_size: int = 32
+    decode_batch_size: int = 32
+    actors: int | None = None
+    max_error_rate: float = 0.05  # stricter than the CLI's 1.0: a scheduled run should page someone
+    max_attempts: int = 3
+    lock_ttl_s: float = 900.0  # heartbeats every ttl/3, so a live run never looks stale
+    index: bool = True
+    index_shards: int | None = None
+
+
+_TYPES = {f.name: f.type for f in dataclasses.fields(NightlyConfig)}
+
+
+def _check(name: str, value, expected: str, ok: bool) -> None:
+    if not ok:
+        raise ValueError(f"nightly config field {name!r}: expected {expected}, got {value!r}")
+
+
+def parse(doc) -> NightlyConfig:
+    if not isinstance(doc, dict):
+        raise ValueError(f"nightly config: expected a mapping of fields, got {type(doc).__name__}")
+    accepted = sorted(_TYPES)
+    unknown = sorted(set(doc) - set(accepted))
+    if unknown:
+        raise ValueError(f"nightly config: unknown field(s) {unknown}; accepted fields: {', '.join(accepted)}")
+    missing = [k for k in ("source", "out", "model") if not doc.get(k)]
+    if missing:
+        raise ValueError(f"nightly config: required field(s) {missing} missing (example:\n{EXAMPLE})")
+    for name in ("source", "out", "model"):
+        _check(name, doc[name], "a non-empty string", isinstance(doc[name], str))
+    for name in ("checkpoint", "glob"):
+        if doc.get(name) is not None:
+            _check(name, doc[name], "a string or null", isinstance(doc[name], str))
+    if "model_args" in doc:
+        _check("model_args", doc["model_args"], "a mapping of create-model keywords", isinstance(doc["model_args"], dict))
+    if "pool" in doc:
+        _check("pool", doc["pool"], f"one of {list(POOLS)}", doc["pool"] in POOLS)
+    for name in ("fuse_last_two", "index"):
+        if name in doc:
+            _check(name, doc[name], "true or false", isinstance(doc[name], bool))
+    if "extensions" in doc:
+        v = doc["extensions"]
+        _check("extensions", v, "a list of extensions like ['.jpg', '.png']",
+               isinstance(v, list) and v and all(isinstance(e, str) and e.startswith(".") for e in v))
+    for name in ("batch_size", "decode_batch_size", "max_attempts"):
+        if name in doc:
+            v = doc[name]
+            _check(name, v, "an integer >= 1", isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+    for name in ("actors", "proj_dim", "index_shards"):
+        if doc.get(name) is not None:
+            v = doc[name]
+            _check(name, v, "an integer >= 1 or null", isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+    if "max_error_rate" in doc:
+        v = doc["max_error_rate"]
+        _check("max_error_rate", v, "a number in [0, 1]", isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1)
+    if "lock_ttl_s" in doc:
+        v = doc["lock_ttl_s"]
+        _check("lock_ttl_s", v, "a number of seconds > 0", isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)
+    return NightlyConfig(**doc)
+
+
+def load(uri: str) -> NightlyConfig:
+    import yaml
+
+    from pipeline import storage
+
+    try:
+        text = storage.read_bytes(uri).decode()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"nightly config {uri!r} not found") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"nightly config {uri!r} is not valid YAML: {e}") from None
+    return parse(doc)

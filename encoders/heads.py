@@ -8,8 +8,8 @@ pool:
   activations (BatchNorm outputs) count as eps.
 fuse_last_two: pool the last two stages' maps and concatenate them (a local-global
 descriptor); needs "avg" or "gem".
-proj_dim: a fixed projection to proj_dim (seeded random orthogonal rows unless a
-checkpoint sets `proj.weight`): reduces index size while keeping inner products.
+proj_dim: a fixed projection to proj_dim (seeded random signs unless a checkpoint
+sets `proj.weight`): reduces index size while keeping inner products.
 The output is always L2-normalised float32.
 """
 from __future__ import annotations
@@ -54,11 +54,14 @@ class EmbeddingModel(nn.Module):
         if proj_dim is not None:
             if not 0 < proj_dim <= width:
                 raise ValueError(f"Expected 0 < proj_dim <= {width}, got {proj_dim!r}")
+            # Random signs / sqrt(proj_dim) (Achlioptas): preserves inner products in
+            # expectation and, unlike a QR, is bitwise identical on every machine and thread
+            # count, so driver and actors agree on model_version.
             gen = torch.Generator().manual_seed(proj_seed)
-            q, _ = torch.linalg.qr(torch.randn(width, proj_dim, generator=gen))  # (width, proj_dim) orthonormal columns
+            signs = torch.randint(0, 2, (proj_dim, width), generator=gen).float() * 2 - 1  # (proj_dim, width)
             self.proj = nn.Linear(width, proj_dim, bias=False)
             with torch.no_grad():
-                self.proj.weight.copy_(q.T)
+                self.proj.weight.copy_(signs / proj_dim ** 0.5)
         self.dim = proj_dim or width
 
     def _pooled_width(self) -> int:

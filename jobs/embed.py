@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-pixels", type=positive_int, default=178_956_970,
                    help="decoded-size guard against decompression bombs (default 178956970, Pillow's own)")
     g.add_argument("--max-error-rate", type=fraction, default=1.0,
-                   help="exit 1 when failed/processed exceeds this fraction (default 1.0: never)")
+                   help="exit 1 when the failed fraction of objects tried for the first time exceeds this (default 1.0: never)")
     g.add_argument("--max-attempts", type=positive_int, default=3,
                    help="failures at one ETag before an object is no longer retried (default 3)")
     g.add_argument("--no-index", dest="build_index", action="store_false", help="skip the final index build stage")

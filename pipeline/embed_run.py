@@ -144,14 +144,17 @@ def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tu
     return sink.result.rows.get(tables.EMBEDDINGS, 0), pool
 
 
-def _failures_of_run(root: str, run_id: str) -> dict[str, int]:
-    rows = tables.read_columns(tables.table_uri(root, tables.ERRORS), ["stage", "error_type", "run_id"])
-    out: dict[str, int] = {}
+def _failures_of_run(root: str, run_id: str) -> tuple[dict[str, int], int]:
+    """(failures of this run by "stage:error_type", how many were first failures)."""
+    rows = tables.read_columns(tables.table_uri(root, tables.ERRORS), ["stage", "error_type", "attempts", "run_id"])
+    by_reason: dict[str, int] = {}
+    first = 0
     if rows is not None:
-        for stage, etype, rid in zip(*(rows.column(c).to_pylist() for c in ("stage", "error_type", "run_id"))):
+        for stage, etype, attempts, rid in zip(*(rows.column(c).to_pylist() for c in ("stage", "error_type", "attempts", "run_id"))):
             if rid == run_id:
-                out[f"{stage}:{etype}"] = out.get(f"{stage}:{etype}", 0) + 1
-    return out
+                by_reason[f"{stage}:{etype}"] = by_reason.get(f"{stage}:{etype}", 0) + 1
+                first += attempts == 1
+    return by_reason, first
 
 
 def run_embed(cfg: EmbedConfig) -> dict:
@@ -182,8 +185,11 @@ def run_embed(cfg: EmbedConfig) -> dict:
         todo = ids.attach_image_ids(d.todo, cfg.out, run_id=cfg.run_id)
     log.info("run %s: %s (recovered %d rows of an interrupted run)", cfg.run_id, d.counts, recovered)
     embedded, pool = _embed_todo(cfg, todo, root, enc, timer) if todo.num_rows else (0, {})
-    failed_by_reason = _failures_of_run(root, cfg.run_id)
+    failed_by_reason, failed_first = _failures_of_run(root, cfg.run_id)
     failed = sum(failed_by_reason.values())
+    # The error rate counts objects tried for the first time at their etag: a known-bad
+    # object failing its retry again must not fail every night until max_attempts.
+    first_tries = todo.num_rows - sum(1 for a in todo.column("attempts").to_pylist() if a)
     promoted = None
     if root != cfg.out:
         with timer.stage("promote"):
@@ -206,8 +212,9 @@ def run_embed(cfg: EmbedConfig) -> dict:
         "model_version": enc.model_version,
         "dim": enc.dim,
         "counts": d.counts | {"processed": processed, "embedded": embedded, "failed": failed,
-                              "failed_by_reason": failed_by_reason, "recovered_rows": recovered},
-        "error_rate": (failed / processed) if processed else 0.0,
+                              "failed_by_reason": failed_by_reason, "failed_first_try": failed_first,
+                              "recovered_rows": recovered},
+        "error_rate": (failed_first / first_tries) if first_tries else 0.0,
         "actor_pool": pool,
         "timings_s": timer.as_dict(),
         "wall_s": time.time() - started,

@@ -50,7 +50,8 @@ def summary(result: dict) -> str:
     lines = [
         f"run {result['run_id']}  model {result['model']} ({result['model_version']}, dim {result['dim']})",
         f"listed {c['listed']}: new {c['new']}, changed {c['changed']}, deleted {c['deleted']}, unchanged {c['unchanged']}",
-        f"processed {c['processed']}: embedded {c['embedded']}, failed {c['failed']} (error rate {result['error_rate']:.2%})",
+        f"processed {c['processed']}: embedded {c['embedded']}, failed {c['failed']} "
+        f"(error rate {result['error_rate']:.2%} of first tries; {c.get('retried', 0)} retried)",
     ]
     lines += [f"  failed {reason}: {n}" for reason, n in sorted(c["failed_by_reason"].items())]
     lines.append("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in result["timings_s"].items()))

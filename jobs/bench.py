@@ -8,6 +8,7 @@ import importlib.util
 # suite -> module under jobs/ exposing add_arguments(parser) and run(args)
 SUITES = {
     "encoders": ("bench_encoders", "images/s and peak memory of the encoders at several input sizes"),
+    "incremental": ("bench_incremental", "a nightly run with 1% changed against a full run, in one run"),
 }
 
 

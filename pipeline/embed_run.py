@@ -45,6 +45,7 @@ class EmbedConfig:
     max_pixels: int = 178_956_970
     max_error_rate: float = 1.0  # failed / processed above this makes the run fail (exit 1)
     max_attempts: int = 3  # failures at one etag before an object is no longer retried
+    parallel_listing: bool = True  # one Ray task per top-level prefix of the source
     build_index: bool = True
     index_shards: int | None = None
     run_id: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6])
@@ -160,6 +161,7 @@ def _failures_of_run(root: str, run_id: str) -> tuple[dict[str, int], int]:
 def run_embed(cfg: EmbedConfig) -> dict:
     """Run the job; returns the run report (also written to <out>/runs/)."""
     from encoders import EncoderSpec, create_encoder
+    from infra.ray_launcher import ensure_ray
 
     from .table_sink import recover_pending
 
@@ -171,8 +173,11 @@ def run_embed(cfg: EmbedConfig) -> dict:
     versions_before = {t: tables.version_of(tables.table_uri(root, t)) for t in (tables.EMBEDDINGS, tables.ERRORS)}
     with timer.stage("recover"):
         recovered = recover_pending(root, dim=enc.dim)
+    if cfg.parallel_listing:
+        with timer.stage("ray"):
+            ensure_ray()
     with timer.stage("list"):
-        listed = listing.list_objects(cfg.source, extensions=cfg.extensions, glob=cfg.glob)
+        listed = listing.list_objects(cfg.source, extensions=cfg.extensions, glob=cfg.glob, parallel=cfg.parallel_listing)
         tables.overwrite(tables.table_uri(cfg.out, tables.LISTING), listed, listing.listing_schema())
     with timer.stage("diff"):
         emb = tables.read_columns(tables.table_uri(root, tables.EMBEDDINGS), ["uri", "etag", "model_version"])

@@ -8,6 +8,8 @@ import importlib.util
 # suite -> module under jobs/ exposing add_arguments(parser) and run(args)
 SUITES = {
     "encoders": ("bench_encoders", "images/s and peak memory of the encoders at several input sizes"),
+    "index": ("bench_index", "index build single-process vs sharded on Ray, peak memory, recall@10, queries/s"),
+    "pipeline": ("bench_pipeline", "pipeline throughput against its encoder, decode and a DataLoader loop; memory; listing"),
     "incremental": ("bench_incremental", "a nightly run with 1% changed against a full run, in one run"),
 }
 

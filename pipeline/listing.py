@@ -77,12 +77,43 @@ def list_prefix(source: str, prefix: str, extensions: tuple[str, ...], glob: str
     return pa.table(_rows(found, source, extensions, glob), schema=listing_schema())
 
 
+def list_prefixes(source: str, prefixes: list[str], extensions: tuple[str, ...], glob: str | None, concurrency: int = 16):
+    """Several recursive listings at once. s3fs is async inside: the listings run as
+    coroutines on its loop (threads calling its sync API serialise on that loop and were
+    10x slower than one listing here)."""
+    import asyncio
+
+    import pyarrow as pa
+
+    fs = storage.filesystem(source)
+    if not getattr(fs, "async_impl", False):
+        parts = [list_prefix(source, p, extensions, glob) for p in prefixes]
+        return pa.concat_tables(parts) if parts else pa.table(_rows({}, source, extensions, glob), schema=listing_schema())
+    from fsspec.asyn import sync
+
+    async def one(prefix, sem):
+        async with sem:
+            try:
+                return await fs._find(prefix, detail=True, withdirs=False)
+            except FileNotFoundError:
+                return {}
+
+    async def all_of():
+        sem = asyncio.Semaphore(concurrency)
+        return await asyncio.gather(*(one(p, sem) for p in prefixes))
+
+    found: dict = {}
+    for part in sync(fs.loop, all_of):
+        found.update(part)
+    return pa.table(_rows(found, source, extensions, glob), schema=listing_schema())
+
+
 def list_objects(source: str, *, extensions: tuple[str, ...] = DEFAULT_EXTENSIONS, glob: str | None = None,
                  parallel: bool = False):
     """Every object under `source` whose name matches, sorted by URI (a stable order makes
     image_id assignment reproducible). With parallel=True the first level of prefixes is
-    listed by one Ray task each (a bucket with many top-level prefixes lists that many
-    times faster); objects directly under `source` are listed by the driver."""
+    split over Ray tasks (one per cluster CPU at most), each listing its prefixes on
+    threads; objects directly under `source` are listed by the driver."""
     import pyarrow as pa
 
     root = storage.strip_scheme(source).rstrip("/")
@@ -97,10 +128,11 @@ def list_objects(source: str, *, extensions: tuple[str, ...] = DEFAULT_EXTENSION
         except FileNotFoundError:
             top = []
         files = {e["name"]: e for e in top if e.get("type") == "file"}
-        dirs = [e["name"] for e in top if e.get("type") == "directory"]
-        task = ray.remote(num_cpus=0.25)(list_prefix)  # IO-bound: several per core
+        dirs = sorted(e["name"] for e in top if e.get("type") == "directory")
+        n_tasks = max(1, min(len(dirs), int(ray.cluster_resources().get("CPU", 1))))
+        task = ray.remote(num_cpus=0.25)(list_prefixes)  # IO-bound: several per core
         parts = [pa.table(_rows(files, source, extensions, glob), schema=listing_schema())]
-        parts += ray.get([task.remote(source, d, extensions, glob) for d in dirs])
+        parts += ray.get([task.remote(source, dirs[i::n_tasks], extensions, glob) for i in range(n_tasks) if dirs[i::n_tasks]])
         table = pa.concat_tables(parts).sort_by("uri")
     log.info("listed %d objects under %s", table.num_rows, source)
     return table

@@ -10,7 +10,7 @@ SUITES = {
     "encoders": ("bench_encoders", "images/s and peak memory of the encoders at several input sizes"),
     "index": ("bench_index", "index build single-process vs sharded on Ray, peak memory, recall@10, queries/s"),
     "pipeline": ("bench_pipeline", "pipeline throughput against its encoder, decode and a DataLoader loop; memory; listing"),
-    "incremental": ("bench_incremental", "a nightly run with 1% changed against a full run, in one run"),
+    "incremental": ("bench_incremental", "a nightly run with one percent changed against a full run, in one run"),
 }
 
 

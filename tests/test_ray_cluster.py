@@ -89,11 +89,15 @@ def test_ray_job_submit_runs_the_embed_job(ray_head, bucket):
     address, env, ray_bin = ray_head
     source, uris = _fill(bucket, 6, seed=4)
     out = f"{bucket}/submitted"
-    job = subprocess.run(
-        [ray_bin, "job", "submit", "--address", address, "--",
-         sys.executable, "-m", "jobs.cli", "embed", source, "--out", out, "--model", "resnet10t", "--index-shards", "2"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    for _ in range(10):  # the head answers `job list` a little before its job agent takes submissions
+        job = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--",
+             sys.executable, "-m", "jobs.cli", "embed", source, "--out", out, "--model", "resnet10t", "--index-shards", "2"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        if "No available agent to submit job" not in job.stdout + job.stderr:
+            break
+        time.sleep(3)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in (job.stdout + job.stderr)
     emb = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS), ["uri"])

@@ -90,6 +90,10 @@ class LocalObjectStore:
         return f"http://{LOOPBACK}:{self._ports['s3']}"
 
     @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -145,9 +149,14 @@ class LocalObjectStore:
                 raise RuntimeError(f"weed mini exited with code {self._proc.returncode}; see {self.data_dir}/weed.log")
             try:
                 self.client().list_buckets()
-                return
+                # S3 answers before the volume server has loaded its volumes; reads of
+                # existing objects fail until it has.
+                with urllib.request.urlopen(f"http://{LOOPBACK}:{self._ports['volume']}/status", timeout=2) as r:
+                    if r.status == 200:
+                        return
             except Exception:  # not up yet: connection refused, or S3 not yet wired to the filer
-                time.sleep(0.3)
+                pass
+            time.sleep(0.3)
         self.stop()
         raise TimeoutError(f"weed mini did not answer S3 at {self.endpoint_url} within {self.startup_timeout_s:.0f} s")
 

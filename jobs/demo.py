@@ -113,7 +113,7 @@ def run(args) -> int:
             print("[demo] --keep: the object store stays up; reach it with:")
             for k, v in store.aws_env().items():
                 print(f"  export {k}={v}")
-            print(f"  (stop it with: kill {store._proc.pid})")
+            print(f"  (stop it with: kill {store.pid})")
         else:
             store.stop()
     return 0

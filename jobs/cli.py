@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"sparse-embed {args.command}: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as e:  # the store, the cluster or a stage failed: one line, details at -v
+        logging.getLogger("sparse_embed").debug("failure", exc_info=True)
+        print(f"sparse-embed {args.command}: failed: {type(e).__name__}: {redact_text(str(e))[:2000]}\n"
+              f"(rerun the same command to resume; -v shows the traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"sparse-embed {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class EmbedConfig:
                 raise ValueError(f"Expected {name} >= 1, got {getattr(self, name)!r}")
         if self.actors is not None and self.actors < 1:
             raise ValueError(f"Expected --actors >= 1, got {self.actors!r}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id) or ".." in self.run_id:
+            raise ValueError(f"Expected run_id of letters, digits, '.', '_', '-' (it names files under OUT/runs), got {self.run_id!r}")
 
 
 def plan_actors(resources: dict, *, actors: int | None, actor_cpus: float | None) -> dict:
@@ -203,11 +206,13 @@ def run_embed(cfg: EmbedConfig) -> dict:
     index_due = cfg.build_index and (todo.num_rows or d.counts["deleted"] or recovered or promoted or
                                      not storage.exists(storage.join(report.index_root(cfg.out), "CURRENT")))
     if index_due:
-        from .index_build import build_index
+        from .index_update import update_index
 
         with timer.stage("index"):
-            manifest = build_index(tables.table_uri(cfg.out, tables.EMBEDDINGS), report.index_root(cfg.out),
-                                   shards=cfg.index_shards)
+            # Adds and removes the difference on the current index; rebuilds when there is
+            # none, the model changed, or the table outgrew the plan (pipeline/index_update.py).
+            manifest = update_index(tables.table_uri(cfg.out, tables.EMBEDDINGS), report.index_root(cfg.out),
+                                    shards=cfg.index_shards)
             index_id = manifest["index_id"] if manifest else None
     processed = todo.num_rows
     result = {

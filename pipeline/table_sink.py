@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from functools import partial
 from dataclasses import dataclass, field
 
 from ray.data import Datasink
 
 from . import storage, tables
+from .retry import with_retries
 
 
 @dataclass
@@ -67,7 +69,6 @@ class EmbeddingTableSink(Datasink):
 
     def write(self, blocks, ctx) -> list[WrittenFile]:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         emb_parts, err_parts = [], []
         for block in blocks:
@@ -82,23 +83,31 @@ class EmbeddingTableSink(Datasink):
             if table.num_rows == 0:
                 continue
             rel = f"part-{self.run_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:12]}.parquet"
-            fs, root = storage.arrow_filesystem(tables.table_uri(self.out, name))
-            path = f"{root}/{rel}"
-            tmp = path if storage.is_s3(self.out) else f"{root}/.{rel}.tmp"  # an S3 PUT is atomic; a local write is not
-            with fs.open_output_stream(tmp) as f:
-                pq.write_table(table, f, compression="zstd")
-            if tmp != path:
-                fs.move(tmp, path)
-            done = WrittenFile(name, rel, fs.get_file_info(path).size, table.num_rows)
-            storage.write_bytes_atomic(marker_uri(self.out, done), json.dumps(done.__dict__).encode())
+            done = with_retries(partial(self._write_file, name, rel, table), what=f"write {name}/{rel}")
             written.append(done)
         return written
+
+    def _write_file(self, name: str, rel: str, table) -> WrittenFile:
+        """Write one Parquet file and its marker; safe to repeat (same names, overwritten)."""
+        import pyarrow.parquet as pq
+
+        fs, root = storage.arrow_filesystem(tables.table_uri(self.out, name))
+        path = f"{root}/{rel}"
+        tmp = path if storage.is_s3(self.out) else f"{root}/.{rel}.tmp"  # an S3 PUT is atomic; a local write is not
+        with fs.open_output_stream(tmp) as f:
+            pq.write_table(table, f, compression="zstd")
+        if tmp != path:
+            fs.move(tmp, path)
+        done = WrittenFile(name, rel, fs.get_file_info(path).size, table.num_rows)
+        storage.write_bytes_atomic(marker_uri(self.out, done), json.dumps(done.__dict__).encode())
+        return done
 
     def on_write_complete(self, write_result) -> None:
         files = [f for task in write_result.write_returns for f in task]
         for name in (tables.EMBEDDINGS, tables.ERRORS):
             self.result.rows[name] = sum(f.rows for f in files if f.table == name)
-        self.result.versions, _ = commit_files(self.out, files, dim=self.dim)
+        # Repeating is safe: commit_files skips files a lost-response commit already added.
+        self.result.versions, _ = with_retries(partial(commit_files, self.out, files, dim=self.dim), what="commit")
 
 
 def marker_uri(root: str, f: WrittenFile) -> str:
@@ -140,4 +149,4 @@ def recover_pending(root: str, *, dim: int) -> int:
     if not paths:
         return 0
     files = [WrittenFile(**json.loads(fs.cat_file(p))) for p in paths]
-    return commit_files(root, files, dim=dim)[1]
+    return with_retries(partial(commit_files, root, files, dim=dim), what="commit recovered files")[1]

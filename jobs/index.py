@@ -1,4 +1,4 @@
-"""`sparse-embed index build --table OUT/embeddings --out OUT/index`."""
+"""`sparse-embed index build|update --table OUT/embeddings --out OUT/index`."""
 from __future__ import annotations
 
 import argparse
@@ -6,24 +6,88 @@ import argparse
 from .options import positive_int
 
 
+def memory_size(text: str) -> int:
+    from pipeline.index_plan import parse_bytes
+
+    try:
+        return parse_bytes(text, option="a size")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def recall_target(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a recall in (0, 1], e.g. 0.95, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, e.g. 0.5, got {text!r}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--table", required=True, help="embeddings table URI, e.g. s3://bucket/emb/embeddings")
+    p.add_argument("--out", required=True, help="index root URI (holds CURRENT), e.g. s3://bucket/emb/index")
+    p.add_argument("--version", type=int, default=None, help="table version to index (default: latest)")
+    p.add_argument("--shards", type=positive_int, default=None,
+                   help="parallel build slices, one Ray task each (default: one per CPU, at most one per table file)")
+    p.add_argument("--target-recall", type=recall_target, default=0.95,
+                   help="recall@10 against exact search that tuning picks nprobe/efSearch for (default 0.95)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.index_plan import LAYOUTS
+
     sub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
-    b = sub.add_parser("build", help="build an exact sharded inner-product index from a version of the embeddings table",
-                       description="Build an exact inner-product FAISS index, one shard per Ray task, verify it against "
-                                   "brute force, and move the CURRENT pointer to it.")
-    b.add_argument("--table", required=True, help="embeddings table URI, e.g. s3://bucket/emb/embeddings")
-    b.add_argument("--out", required=True, help="index root URI, e.g. s3://bucket/emb/index")
-    b.add_argument("--version", type=int, default=None, help="table version to index (default: latest)")
-    b.add_argument("--shards", type=positive_int, default=None, help="number of shards (default: one per CPU, at most one per table file)")
+    b = sub.add_parser("build", help="plan, train, fill (parallel Ray tasks), tune and publish an index from a table version",
+                       description="Plan an index within --memory-budget (flat, IVF, IVF-HNSW with SQ8/PQ/OPQ codes), train it "
+                                   "on a sample, add table slices in parallel Ray tasks, merge or keep shards, tune nprobe "
+                                   "for --target-recall against exact search, and move CURRENT to it.")
+    _common(b)
+    b.add_argument("--memory-budget", type=memory_size, default="16GB",
+                   help="memory the served index may take, e.g. 16GB, 512MiB (default 16GB); decides the index type")
+    b.add_argument("--nlist", type=positive_int, default=None, help="IVF list count (default: from the faiss guidelines)")
+    b.add_argument("--layout", choices=LAYOUTS, default="auto",
+                   help="merged: one index file; shards: one file per slice; auto: merged for IVF, shards for flat")
+    u = sub.add_parser("update", help="bring the CURRENT index up to a table version: add new, remove deleted, or rebuild",
+                       description="Add new and changed vectors and remove deleted ones relative to the index CURRENT points "
+                                   "to; rebuild instead when the table grew past --rebuild-growth, the model changed, or "
+                                   "recall fell below --target-recall. Publishes a new index id; CURRENT moves last.")
+    _common(u)
+    u.add_argument("--memory-budget", type=memory_size, default=None,
+                   help="memory budget for a rebuild (default: the one the current index was planned with)")
+    u.add_argument("--rebuild-growth", type=non_negative_float, default=0.5,
+                   help="rebuild once the table exceeds (1 + this) x the vectors the index was trained on (default 0.5)")
+    u.add_argument("--force-rebuild", action="store_true", help="rebuild from scratch even when an update would do")
 
 
 def run(args) -> int:
-    from pipeline.index_build import build_index
+    if args.index_command == "update":
+        from pipeline.index_update import update_index
 
-    manifest = build_index(args.table, args.out, shards=args.shards, version=args.version)
+        manifest = update_index(args.table, args.out, version=args.version, memory_budget=args.memory_budget,
+                                target_recall=args.target_recall, rebuild_growth=args.rebuild_growth,
+                                force_rebuild=args.force_rebuild, shards=args.shards)
+    else:
+        from pipeline.index_build import build_index
+
+        manifest = build_index(args.table, args.out, shards=args.shards, version=args.version, memory_budget=args.memory_budget,
+                               nlist=args.nlist, layout=args.layout, target_recall=args.target_recall)
     if manifest is None:
         print("table is empty: no index built")
         return 0
-    print(f"index {manifest['index_id']}: {manifest['ntotal']} vectors, dim {manifest['dim']}, "
-          f"{len(manifest['shards'])} shards, table v{manifest['table_version']}, recall@10 {manifest['recall_at_10']:.4f}")
+    how = manifest.get("update") and f"updated from {manifest['update']['parent']}" or manifest["build"].get("rebuild_reason") or "built"
+    print(f"index {manifest['index_id']} ({how}): {manifest['ntotal']} vectors, {manifest['factory']}, dim {manifest['dim']}, "
+          f"{len(manifest['shards'])} file(s), table v{manifest['table_version']}, recall@10 {manifest['recall_at_10']:.4f}, "
+          f"search {manifest['search_params'] or 'exact'}")
     return 0

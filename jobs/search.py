@@ -1,4 +1,4 @@
-"""`sparse-embed search --index OUT/index --image PATH_OR_URI -k 10`."""
+"""`sparse-embed search --index OUT/index (--image PATH_OR_URI | --image-id N) -k 10`."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +10,11 @@ from .options import positive_int
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", required=True, help="index root URI (holds CURRENT), e.g. s3://bucket/emb/index")
     p.add_argument("--index-id", default=None, help="search this index instead of the one CURRENT points to")
-    p.add_argument("--image", action="append", required=True, metavar="PATH_OR_URI",
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--image", action="append", metavar="PATH_OR_URI",
                    help="query image (local path or s3:// URI); repeat for a batch of queries")
+    q.add_argument("--image-id", action="append", type=int, metavar="N",
+                   help="query by an indexed image's id (its vector from the table version the index was built from); repeatable")
     p.add_argument("-k", type=positive_int, default=10, help="results per query (default 10)")
     p.add_argument("--json", action="store_true", help="print results as JSON lines")
     p.add_argument("--contact-sheet", default=None, metavar="PATH_OR_URI",
@@ -24,8 +27,12 @@ def run(args) -> int:
     from pipeline.search import ShardedIndex, embed_queries
 
     index = ShardedIndex.open(args.index, index_id=args.index_id)
-    vectors = embed_queries(args.image, index.manifest)
-    for qi, (query, hits) in enumerate(zip(args.image, index.hits(vectors, args.k))):
+    if args.image_id:
+        vectors, queries = index.vectors_for_ids(args.image_id)
+    else:
+        queries = args.image
+        vectors = embed_queries(queries, index.manifest)
+    for qi, (query, hits) in enumerate(zip(queries, index.hits(vectors, args.k))):
         if args.json:
             print(json.dumps({"query": query, "results": [h.__dict__ for h in hits]}))
         else:
@@ -34,7 +41,7 @@ def run(args) -> int:
                 print(f"  {h.rank:3d}  {h.score:.4f}  {h.uri}")
         if args.contact_sheet:
             out = args.contact_sheet
-            if len(args.image) > 1:
+            if len(queries) > 1:
                 stem, dot, ext = out.rpartition(".")
                 out = f"{stem}_{qi}.{ext}" if dot else f"{out}_{qi}"
             contact_sheet(query, hits, out)

@@ -30,7 +30,11 @@ def contact_sheet(query: str, hits, out: str) -> str:
     """Write the sheet for one query (a path or URI) and its hits to `out` (path or URI)."""
     from PIL import Image, ImageDraw
 
-    cells = [(_thumb(storage.read_bytes(query)), "query")]
+    try:
+        query_data = storage.read_bytes(query)
+    except Exception:  # a query by image_id whose object is gone still gets its cell
+        query_data = None
+    cells = [(_thumb(query_data), "query")]
     for h in hits:
         try:
             data = storage.read_bytes(h.uri)

@@ -1,4 +1,5 @@
-"""Search a sharded index: shards cached locally, top-k merged across shards, ids mapped to URIs.
+"""Search a sharded index: shards cached locally, top-k merged across shards, ids mapped to URIs,
+the index's tuned search parameters (nprobe, efSearch) applied on open.
 
 Index directories are immutable once written (a new build gets a new index_id), so the
 local cache is keyed by index_id and never needs invalidating.
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import storage
+from .index_tune import merge_topk
 
 CACHE_DIR = Path(os.environ.get("SPARSE_EMBED_CACHE", Path.home() / ".cache" / "sparse-embed"))
 
@@ -45,44 +47,113 @@ class SearchHit:
 
 
 class ShardedIndex:
-    def __init__(self, manifest: dict, shards: list, uris: dict[int, str]):
+    """The shards of one index (a shard set, or one merged file), searched together."""
+
+    def __init__(self, manifest: dict, shards: list, ids, uris):
         self.manifest = manifest
         self.shards = shards
-        self.uris = uris
+        self._ids = ids  # (n,) int64, sorted
+        self._uris = uris  # pyarrow string array aligned with _ids
+        self.set_search_params(manifest.get("search_params") or {})
 
     @classmethod
     def open(cls, index_root: str, *, index_id: str | None = None) -> "ShardedIndex":
         import faiss
+        import numpy as np
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         index_id = index_id or current_index_id(index_root)
         index_dir = storage.join(index_root, index_id)
         manifest = json.loads(storage.read_bytes(storage.join(index_dir, "manifest.json")))
-        shards, uris = [], {}
-        for s in manifest["shards"]:
-            shards.append(faiss.read_index(_cached(storage.join(index_dir, s["file"]), index_id)))
-            t = pq.read_table(_cached(storage.join(index_dir, s["ids_file"]), index_id))
-            uris.update(zip(t.column("image_id").to_pylist(), t.column("uri").to_pylist()))
-        return cls(manifest, shards, uris)
+        shards = [faiss.read_index(_cached(storage.join(index_dir, s["file"]), index_id)) for s in manifest["shards"]]
+        ids_files = manifest.get("ids_files") or [s["ids_file"] for s in manifest["shards"]]
+        parts = [pq.read_table(_cached(storage.join(index_dir, f), index_id), columns=["image_id", "uri"]) for f in ids_files]
+        t = pa.concat_tables(parts) if parts else pa.table({"image_id": pa.array([], pa.int64()), "uri": pa.array([], pa.string())})
+        ids = t.column("image_id").to_numpy().astype("int64")
+        order = np.argsort(ids, kind="stable")
+        return cls(manifest, shards, ids[order], t.column("uri").combine_chunks().take(order))
 
-    def search_vectors(self, queries, k: int):
-        """(Q, D) float32 -> ids (Q, k), scores (Q, k), best first; -1 pads when ntotal < k."""
+    def set_search_params(self, params: dict) -> None:
+        """nprobe / quantizer_efSearch on every IVF shard (flat shards have none)."""
+        import faiss
+
+        ps = faiss.ParameterSpace()
+        for shard in self.shards:
+            if faiss.try_extract_index_ivf(shard) is None:
+                continue
+            for name, value in params.items():
+                ps.set_index_parameter(shard, name, value)
+        self.search_params = dict(params)
+
+    @property
+    def ntotal(self) -> int:
+        return int(sum(s.ntotal for s in self.shards))
+
+    def search_vectors(self, queries, k: int, *, batch_size: int = 4096):
+        """(Q, D) float32 -> ids (Q, k), scores (Q, k), best first; -1 pads when ntotal < k.
+        Queries go to faiss in batches of `batch_size` (one call per shard per batch)."""
         import numpy as np
 
-        from .index_build import merge_topk
-
         q = np.ascontiguousarray(queries, dtype="float32")
-        ids, scores = [], []
-        for shard in self.shards:
-            s, i = shard.search(q, k)
-            ids.append(i)
-            scores.append(s)
-        return merge_topk(ids, scores, k)
+        out_ids, out_scores = [], []
+        for start in range(0, max(1, len(q)), batch_size):
+            batch = q[start:start + batch_size]
+            ids, scores = [], []
+            for shard in self.shards:
+                s, i = shard.search(batch, k)
+                ids.append(i)
+                scores.append(s)
+            bi, bs = merge_topk(ids, scores, k)
+            out_ids.append(bi)
+            out_scores.append(bs)
+        return np.concatenate(out_ids), np.concatenate(out_scores)
+
+    def uri_of(self, image_id: int) -> str:
+        import numpy as np
+
+        pos = int(np.searchsorted(self._ids, image_id))
+        return self._uris[pos].as_py() if pos < len(self._ids) and self._ids[pos] == image_id else ""
+
+    @property
+    def uris(self) -> dict[int, str]:
+        """image_id -> uri for every vector (builds a dict: for small indexes and tests)."""
+        return dict(zip(self._ids.tolist(), self._uris.to_pylist()))
 
     def hits(self, queries, k: int) -> list[list[SearchHit]]:
         ids, scores = self.search_vectors(queries, k)
-        return [[SearchHit(r + 1, int(i), float(s), self.uris.get(int(i), "")) for r, (i, s) in enumerate(zip(row_i, row_s)) if i >= 0]
+        return [[SearchHit(r + 1, int(i), float(s), self.uri_of(int(i))) for r, (i, s) in enumerate(zip(row_i, row_s)) if i >= 0]
                 for row_i, row_s in zip(ids, scores)]
+
+    def vectors_for_ids(self, image_ids: list[int]):
+        """The table rows the index was built from, for `image_ids`: (vectors (n, D) in the
+        order asked, uris). Raises ValueError naming ids the table version lacks."""
+        return vectors_for_ids(self.manifest["table"], self.manifest.get("table_version"), image_ids)
+
+
+def vectors_for_ids(table_uri: str, version: int | None, image_ids: list[int]):
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from . import tables
+    from .index_build import vectors_of
+
+    dt = tables.open_table(table_uri, version)
+    if dt is None:
+        raise FileNotFoundError(f"No embeddings table at {table_uri!r} (version {version})")
+    wanted = [int(i) for i in image_ids]
+    t = dt.to_pyarrow_dataset().to_table(columns=["image_id", "uri", "embedding"],
+                                         filter=pc.field("image_id").isin(wanted))
+    have = t.column("image_id").to_pylist()
+    missing = sorted(set(wanted) - set(have))
+    if missing:
+        raise ValueError(f"Expected --image-id values present in table {table_uri} v{dt.version()}, "
+                         f"got unknown ids {missing[:10]}")
+    pos = {i: r for r, i in enumerate(have)}
+    rows = [pos[i] for i in wanted]
+    vectors = vectors_of(t.column("embedding"))[rows]
+    uris = [t.column("uri")[r].as_py() for r in rows]
+    return np.ascontiguousarray(vectors, dtype="float32"), uris
 
 
 def embed_queries(images: list[str], manifest: dict):

@@ -55,7 +55,10 @@ def ray_local(object_store):
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": object_store.aws_env()})
+    # address="local": a fresh instance, never another engineer's cluster on this host. The
+    # secret stays out of the runtime_env (Ray logs its env_vars); workers inherit os.environ.
+    env = {k: v for k, v in object_store.aws_env().items() if k != "AWS_SECRET_ACCESS_KEY"}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 

@@ -42,12 +42,12 @@ def _vectors(n, d, seed):
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def _write_table(uri, vectors, ids, files):
+def _write_table(uri, vectors, ids, files, etag="e"):
     schema = tables.embeddings_schema(vectors.shape[1])
     for chunk in np.array_split(np.arange(len(ids)), files):
         t = pa.table({
             "image_id": pa.array(ids[chunk], pa.int64()), "uri": [f"s3://b/img_{i}.jpg" for i in ids[chunk]],
-            "etag": ["e"] * len(chunk), "size": pa.array([1] * len(chunk), pa.int64()),
+            "etag": [etag] * len(chunk), "size": pa.array([1] * len(chunk), pa.int64()),
             "mtime": pa.array([None] * len(chunk), pa.timestamp("us", tz="UTC")),
             "width": pa.array([1] * len(chunk), pa.int32()), "height": pa.array([1] * len(chunk), pa.int32()),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors[chunk].reshape(-1)), vectors.shape[1]),
@@ -57,7 +57,7 @@ def _write_table(uri, vectors, ids, files):
 
 
 @pytest.mark.integration
-def test_sharded_index_equals_one_flat_index(ray_local, bucket):
+def test_sharded_index_equals_one_flat_index(ray_local, bucket, capsys):
     n, d = 3000, 64
     vectors = _vectors(n, d, seed=1)
     ids = np.random.default_rng(2).permutation(10 * n)[:n].astype("int64")  # sparse, unordered ids
@@ -77,6 +77,15 @@ def test_sharded_index_equals_one_flat_index(ray_local, bucket):
     np.testing.assert_allclose(got_scores, want_scores, rtol=0, atol=1e-6)
     hit = index.hits(queries[:1], 1)[0][0]
     assert hit.uri == f"s3://b/img_{want_ids[0, 0]}.jpg"
+    # Search by image_id from the CLI: the image's own vector finds itself first.
+    from jobs.cli import main
+
+    assert main(["search", "--index", f"{bucket}/emb/index", "--image-id", str(ids[7]), "-k", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["query"] == f"s3://b/img_{ids[7]}.jpg" and out["results"][0]["image_id"] == ids[7]
+    assert out["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert main(["search", "--index", f"{bucket}/emb/index", "--image-id", "-5"]) == 2
+    assert "--image-id" in capsys.readouterr().err
     # Shard files are plain faiss files.
     shard = manifest["shards"][0]
     local = storage.read_bytes(f"{bucket}/emb/index/{manifest['index_id']}/{shard['file']}")
@@ -92,10 +101,10 @@ def test_failed_build_leaves_current_on_the_previous_index(ray_local, bucket, mo
 
     import pipeline.index_build as ib
 
-    def broken_recall(found, exact):
+    def broken_verify(*args, **kwargs):
         raise RuntimeError("killed during verification")
 
-    monkeypatch.setattr(ib, "recall_at_k", broken_recall)
+    monkeypatch.setattr(ib, "verify_and_tune", broken_verify)
     with pytest.raises(RuntimeError, match="killed"):
         build_index(table, root, shards=2)
     assert current_index_id(root) == first["index_id"]
@@ -105,3 +114,18 @@ def test_failed_build_leaves_current_on_the_previous_index(ray_local, bucket, mo
     assert current_index_id(root) == second["index_id"] and second["ntotal"] == 250
     doc = json.loads(storage.read_bytes(f"{root}/{second['index_id']}/manifest.json"))
     assert doc["table_version"] == tables.version_of(table) and doc["metric"] == "inner_product"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["index", "build", "--table", "/t", "--out", "/o", "--memory-budget", "16XB"], "--memory-budget"),
+    (["index", "build", "--table", "/t", "--out", "/o", "--layout", "tree"], "merged"),
+    (["index", "build", "--table", "/t", "--out", "/o", "--target-recall", "1.5"], "--target-recall"),
+    (["index", "update", "--table", "/t", "--out", "/o", "--rebuild-growth", "-1"], "--rebuild-growth"),
+    (["search", "--index", "/o", "--image", "q.jpg", "--image-id", "3"], "--image-id"),
+])
+def test_index_options_reject_wrong_values_naming_them(argv, needle, capsys):
+    from jobs.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and needle in capsys.readouterr().err

@@ -1,0 +1,292 @@
+"""`sparse-embed bench encoders`: images/s and peak memory of encoders at several input sizes.
+
+Method (recorded in BENCHMARKS.md):
+- All models random-init (seed 0), fp32, eval, under ``torch.inference_mode``, torch's default
+  intra-op thread count; one input tensor per (size, batch), seeded.
+- Throughput: per (size, batch), one fresh process builds every case, warms each up with one
+  batch-1 forward, then runs rounds, each timing one forward of every case in turn (interleaved,
+  so load from other processes hits all cases alike): at least ``--repeats`` rounds, more (up to
+  15) until the group has run ``--min-time-s``; median per case.
+- Peak memory: per (size, batch, case), a fresh spawned process builds the model and input,
+  reads its current RSS, runs one forward, and reports ru_maxrss (peak RSS) minus that RSS: the
+  activation and workspace memory of that forward, weights and the input excluded.
+- A case is skipped, with the reason printed, when its own rule says so (``Case.skip``) or when
+  its batch-1 peak times the batch exceeds ``--mem-budget-gb`` (the machine is shared).
+
+Cases come from case builders in ``SUITES`` (name -> function returning a list of ``Case``);
+another family adds its own builder and registers it there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+DEFAULT_LABEL = "biformer_tiny scaled/auto"  # the embed job's default BiFormer configuration
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    model: str  # timm name
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size_kwarg: bool = False  # pass img_size=<size> (ViT/Swin position tables are sized at build)
+    max_pixels_per_batch: Optional[int] = None  # skip above size*size*batch (with the reason below)
+    skip_reason: str = ""
+
+    def skip(self, size: int, batch: int) -> Optional[str]:
+        if self.max_pixels_per_batch is not None and size * size * batch > self.max_pixels_per_batch:
+            return self.skip_reason
+        return None
+
+    def build(self, size: int):
+        import timm
+
+        import encoders  # noqa: F401  registers the project's families in timm
+
+        kwargs = dict(self.kwargs, img_size=size) if self.img_size_kwarg else dict(self.kwargs)
+        return timm.create_model(self.model, pretrained=False, **kwargs).eval()
+
+
+def biformer_cases() -> list[Case]:
+    bf = "biformer_tiny"
+    return [
+        Case(DEFAULT_LABEL, bf, dict(region_grid="scaled", bra_kernel="auto")),
+        Case("biformer_tiny scaled/gather", bf, dict(region_grid="scaled", bra_kernel="gather")),
+        Case("biformer_tiny scaled/dense", bf, dict(region_grid="scaled", bra_kernel="dense"),
+             max_pixels_per_batch=512 * 512,
+             skip_reason="dense kernel above 512x512 px per batch: N^2 mask and scores (N=16384 at 512 px)"),
+        Case("biformer_tiny scaled/reference", bf, dict(region_grid="scaled", bra_kernel="reference")),
+        Case("biformer_tiny fixed/auto", bf, dict(region_grid="fixed", bra_kernel="auto")),
+        Case("biformer_tiny fixed/reference", bf, dict(region_grid="fixed", bra_kernel="reference")),
+    ]
+
+
+def baseline_cases() -> list[Case]:
+    return [
+        Case("vit_small_patch16_224", "vit_small_patch16_224", img_size_kwarg=True),
+        Case("swin_tiny_patch4_window7_224", "swin_tiny_patch4_window7_224", img_size_kwarg=True),
+        Case("convnext_tiny", "convnext_tiny"),
+    ]
+
+
+SUITES: dict[str, Callable[[], list[Case]]] = {
+    "biformer": biformer_cases,
+    "baselines": baseline_cases,
+}
+from .bench_sparse_encoders import lookupvit_encoder_cases, topk_encoder_cases  # noqa: E402  LookupViT, top-k
+SUITES.update(lookupvit=lookupvit_encoder_cases, topk=topk_encoder_cases)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"Expected comma-separated integers, got {text!r}") from e
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"Expected positive integers, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", type=_int_list, default=[224, 512, 1024], help="input sizes in px (square)")
+    parser.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="comma-separated batch sizes (default 1,8)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per (size, batch); median")
+    parser.add_argument("--min-time-s", type=float, default=30.0,
+                        help="keep adding timed rounds (up to 15) until a group has run this long")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads in the measuring processes (0: torch's default); "
+                             "1 is far less sensitive to other load on a shared machine")
+    parser.add_argument("--suites", default="biformer,baselines", help=f"comma list of {sorted(SUITES)}")
+    parser.add_argument("--models", default="", help="comma list of substrings; keep cases whose label has one")
+    parser.add_argument("--mem-budget-gb", type=float, default=6.0,
+                        help="skip a case whose batch-1 peak x batch exceeds this")
+    parser.add_argument("--out", default="", help="write the results to this .md or .json path too")
+
+
+def select_cases(suites: str, models: str) -> list[Case]:
+    cases = []
+    for name in [s for s in suites.split(",") if s]:
+        if name not in SUITES:
+            raise ValueError(f"Expected suites from {sorted(SUITES)}, got {name!r}")
+        cases.extend(SUITES[name]())
+    wanted = [m for m in models.split(",") if m]
+    return [c for c in cases if not wanted or any(w in c.label for w in wanted)]
+
+
+def _current_rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    import resource
+
+    return pages * resource.getpagesize() // 1024
+
+
+def _peak_memory_child(case: Case, size: int, batch: int, threads: int = 0) -> float:
+    """Runs in a fresh process: peak RSS growth (MiB) of one forward."""
+    import resource
+
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+    torch.manual_seed(0)
+    model = case.build(size)
+    x = torch.randn(batch, 3, size, size)
+    base = _current_rss_kib()
+    with torch.inference_mode():
+        model(x)
+    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
+def _timing_child(cases: list[Case], size: int, batch: int, repeats: int,
+                  min_time_s: float = 0.0, threads: int = 0, max_rounds: int = 15) -> dict[str, list[float]]:
+    """Runs in a fresh process: interleaved timings (s per forward) of every case. At least
+    ``repeats`` rounds; more (up to ``max_rounds``) while the rounds took under ``min_time_s``,
+    so cheap cases get enough samples for a median on a noisy machine."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+    torch.manual_seed(0)
+    models = {c.label: c.build(size) for c in cases}
+    x = torch.randn(batch, 3, size, size)
+    times: dict[str, list[float]] = {label: [] for label in models}
+    with torch.inference_mode():
+        for m in models.values():
+            m(x[:1])  # warm-up at batch 1
+        t_start, rounds = time.perf_counter(), 0
+        while rounds < repeats or (time.perf_counter() - t_start < min_time_s and rounds < max_rounds):
+            rounds += 1
+            for label, m in models.items():
+                t0 = time.perf_counter()
+                m(x)
+                times[label].append(time.perf_counter() - t0)
+    return times
+
+
+def _in_child(fn: Callable, *args: Any) -> Any:
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(fn, args)
+
+
+def measure(cases: list[Case], sizes: list[int], batches: list[int], repeats: int,
+            mem_budget_mib: float, min_time_s: float = 0.0, threads: int = 0, log: Callable[[str], None] = print,
+            on_group: Callable[[list[dict[str, Any]]], None] = lambda rows: None) -> list[dict[str, Any]]:
+    """Batch-major order (every size at the smallest batch first), so an interrupted run still
+    covers every size; ``on_group`` sees all rows so far after each (size, batch) group."""
+    rows, b1_peak = [], {}
+    for batch in sorted(batches):
+        for size in sizes:
+            live = []
+            for c in cases:
+                reason = c.skip(size, batch)
+                est = b1_peak.get((c.label, size), 0.0) * batch
+                if reason is None and est > mem_budget_mib:
+                    reason = f"predicted peak {est / 1024:.1f} GiB > budget {mem_budget_mib / 1024:.1f} GiB"
+                row = dict(model=c.label, size=size, batch=batch, skipped=reason or "")
+                if reason is None:
+                    t0 = time.perf_counter()
+                    row["peak_mib"] = _in_child(_peak_memory_child, c, size, batch, threads)
+                    if batch == 1:
+                        b1_peak[(c.label, size)] = row["peak_mib"]
+                    log(f"  memory {c.label} {size}px b{batch}: {row['peak_mib']:.0f} MiB "
+                        f"({time.perf_counter() - t0:.0f} s)")
+                    live.append(c)
+                else:
+                    log(f"  skip {c.label} {size}px b{batch}: {reason}")
+                rows.append(row)
+            if live:
+                t0 = time.perf_counter()
+                times = _in_child(_timing_child, live, size, batch, repeats, min_time_s, threads)
+                log(f"  timed {len(live)} cases at {size}px b{batch} ({time.perf_counter() - t0:.0f} s)")
+                for row in rows:
+                    if row["size"] == size and row["batch"] == batch and row["model"] in times:
+                        med = statistics.median(times[row["model"]])
+                        row.update(ms=1000 * med, best_ms=1000 * min(times[row["model"]]), img_s=batch / med,
+                                   runs_s=times[row["model"]])
+            on_group(rows)
+    return rows
+
+
+def _ratio(rows: list[dict], size: int, batch: int, a: str, b: str, key: str) -> Optional[float]:
+    pick = {r["model"]: r for r in rows if r["size"] == size and r["batch"] == batch and key in r}
+    if a in pick and b in pick and pick[b][key] > 0:
+        return pick[a][key] / pick[b][key]
+    return None
+
+
+def format_markdown(rows: list[dict], meta: dict[str, Any]) -> str:
+    lines = [f"{k}: {v}" for k, v in meta.items()] + [""]
+    lines += ["| model | px | batch | img/s | ms/batch (median) | ms/batch (best) | peak MiB |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["skipped"]:
+            lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | skipped: {r['skipped']} | | | |")
+        else:
+            lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['img_s']:.2f} | {r['ms']:.0f} "
+                         f"| {r.get('best_ms', r['ms']):.0f} | {r['peak_mib']:.0f} |")
+    others = ["biformer_tiny scaled/reference", "biformer_tiny fixed/reference",
+              "vit_small_patch16_224", "swin_tiny_patch4_window7_224"]
+    lines += ["", f"Ratios for `{DEFAULT_LABEL}` (speed = its img/s / other's; memory = its peak / other's):", "",
+              "| px | batch | vs | speed x | memory x |", "|---|---|---|---|---|"]
+    for size in sorted({r["size"] for r in rows}):
+        for batch in sorted({r["batch"] for r in rows}):
+            for other in others:
+                s = _ratio(rows, size, batch, DEFAULT_LABEL, other, "img_s")
+                m = _ratio(rows, size, batch, DEFAULT_LABEL, other, "peak_mib")
+                if s is not None:
+                    lines.append(f"| {size} | {batch} | {other} | {s:.2f} | "
+                                 f"{'' if m is None else f'{m:.2f}'} |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    cases = select_cases(args.suites, args.models)
+    if not cases:
+        raise ValueError(f"Expected --models to match some case, got {args.models!r}")
+    if args.repeats < 1:
+        raise ValueError(f"Expected --repeats >= 1, got {args.repeats!r}")
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                   f"{args.threads or torch.get_num_threads()} torch threads, "
+                   f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}; fp32 CPU",
+        "torch": torch.__version__, "repeats": args.repeats,
+    }
+    t0 = time.perf_counter()
+
+    def save(rows: list[dict[str, Any]], final: bool = False) -> None:
+        meta["wall_s"] = round(time.perf_counter() - t0)
+        meta["complete"] = final
+        text = format_markdown(rows, meta)
+        if final:
+            print(text)
+        else:  # partial tables go to stderr, with the progress log
+            print(text, file=sys.stderr, flush=True)
+        if args.out:  # rewritten after every group: an interrupted run keeps what it measured
+            tmp = args.out + ".tmp"
+            with open(tmp, "w") as f:
+                if args.out.endswith(".json"):
+                    json.dump(dict(meta=meta, rows=rows, cases=[asdict(c) for c in cases]), f, indent=1)
+                else:
+                    f.write(text + "\n")
+            os.replace(tmp, args.out)
+
+    rows = measure(cases, args.sizes, args.batch_sizes, args.repeats, args.mem_budget_gb * 1024, args.min_time_s, args.threads,
+                   log=lambda s: print(s, file=sys.stderr, flush=True), on_group=save)
+    save(rows, final=True)
+    return 0

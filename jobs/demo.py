@@ -22,7 +22,8 @@ BUCKET_IMAGES, BUCKET_OUT = "images", "embeddings"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=positive_int, default=200, help="base images to generate; each gets 4 variants (default 200)")
-    p.add_argument("--model", default="resnet18", help="encoder (random init, seeded; default resnet18)")
+    p.add_argument("--model", default="biformer_tiny",
+                   help="encoder (random init, seeded: nothing is downloaded; default biformer_tiny)")
     p.add_argument("--seed", type=int, default=0, help="seed for the generated images (default 0)")
     p.add_argument("--corrupt", type=int, default=3, help="corrupt objects to add, each must end as an error row (default 3)")
     p.add_argument("--keep", action="store_true", help="leave the object store running at the end and print how to reach it")

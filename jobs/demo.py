@@ -52,17 +52,11 @@ def near_duplicate_recall(index, images, source: str, out: str, ks=(1, 10)) -> d
     prefix = source.rstrip("/") + "/"
     queries = [im for im in images if im.kind != "base" and prefix + im.key in row]
     hits = index.hits(vectors[[row[prefix + q.key] for q in queries]], max(ks) + 1)
-    out_r = {}
-    for k in ks:
-        found = 0
-        for q, hs in zip(queries, hits):
-            uris = [h.uri for h in hs if h.uri != prefix + q.key][:k]
-            found += (prefix + q.base_key) in uris
-        out_r[f"recall@{k}"] = found / max(1, len(queries))
+    others = [[h.uri for h in hs if h.uri != prefix + q.key] for q, hs in zip(queries, hits)]  # the query itself excluded
+    n = max(1, len(queries))
+    out_r = {f"recall@{k}": sum(prefix + q.base_key in o[:k] for q, o in zip(queries, others)) / n for k in ks}
     group = {prefix + im.key: im.base_key for im in images}
-    out_r["group@1"] = sum(bool(hs2) and group.get(hs2[0]) == q.base_key
-                           for q, hs2 in ((q, [h.uri for h in hs if h.uri != prefix + q.key]) for q, hs in zip(queries, hits))
-                           ) / max(1, len(queries))
+    out_r["group@1"] = sum(bool(o) and group.get(o[0]) == q.base_key for q, o in zip(queries, others)) / n
     out_r["queries"] = len(queries)
     return out_r
 

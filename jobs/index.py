@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import positive_int
+from .options import non_negative_float, positive_int, recall_target
 
 
 def memory_size(text: str) -> int:
@@ -13,26 +13,6 @@ def memory_size(text: str) -> int:
         return parse_bytes(text, option="a size")
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def recall_target(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a recall in (0, 1], e.g. 0.95, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, e.g. 0.5, got {text!r}")
-    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:

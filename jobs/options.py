@@ -16,14 +16,27 @@ def model_arg(text: str) -> tuple[str, object]:
         return key, value
 
 
-def fraction(text: str) -> float:
+def _float_in(text: str, ok, expected: str) -> float:
+    """Parse a float option; `ok(value)` decides, `expected` names what is accepted."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def fraction(text: str) -> float:
+    return _float_in(text, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+
+
+def recall_target(text: str) -> float:
+    return _float_in(text, lambda v: 0.0 < v <= 1.0, "a recall in (0, 1], e.g. 0.95")
+
+
+def non_negative_float(text: str) -> float:
+    return _float_in(text, lambda v: v >= 0.0, "a number >= 0, e.g. 0.5")
 
 
 def positive_int(text: str) -> int:

@@ -82,7 +82,7 @@ def ensure_table(uri: str, schema):
 
 
 def read_columns(uri: str, columns: list[str], version: int | None = None):
-    """Selected columns of a table as Arrow (empty table with those columns if none exists)."""
+    """Selected columns of a table as Arrow, or None if there is no table yet."""
     import pyarrow as pa
 
     dt = open_table(uri, version)

@@ -39,6 +39,10 @@ __all__ = ["BiFormer", "checkpoint_filter_fn", "to_authors_state_dict"]
 RegionGrid = Literal["fixed", "scaled"]
 REGION_GRIDS = ("fixed", "scaled")
 
+# Inference runs the MLP over token chunks whose hidden activation is at most this many bytes.
+# Measured on this project's 2-core CPU: 1 MiB chunks stay in cache; see BENCHMARKS.md (BiFormer).
+MLP_CHUNK_BYTES = 2**20
+
 
 class Mlp(nn.Module):
     def __init__(self, *, dim: int, hidden: int, act_layer: Callable[[], nn.Module] = nn.GELU):
@@ -65,11 +69,34 @@ class BiFormerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.pos_embed(x)
-        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x.permute(0, 3, 1, 2)  # (B, C, H, W)
+        if self.training or torch.is_grad_enabled() or not _is_channels_last(x):
+            x = x + self.pos_embed(x)
+            x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
+            return x.permute(0, 3, 1, 2)  # (B, C, H, W)
+        return self._add_residuals_(x + self.pos_embed(x))
+
+    def forward_inplace_(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference only, x channels-last: the same function, computed into x itself (the caller
+        gives up x). Saves one map-sized tensor per block at peak."""
+        return self._add_residuals_(x.add_(self.pos_embed(x)))
+
+    def _add_residuals_(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) channels-last, owned by this call: += attn, then += mlp by token chunks
+        (the MLP is per token, so its hidden (N, mlp_ratio * C) never exists whole)."""
+        x_hwc = x.permute(0, 2, 3, 1)  # (B, H, W, C), contiguous
+        x_hwc.add_(self.attn(self.norm1(x_hwc)))
+        tokens = x_hwc.view(-1, x_hwc.shape[-1])  # (N, C)
+        step = max(1, MLP_CHUNK_BYTES // (self.mlp.fc1.out_features * tokens.element_size()))
+        for start in range(0, tokens.shape[0], step):
+            chunk = tokens[start:start + step]
+            chunk.add_(self.mlp(self.norm2(chunk)))
+        return x
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous()
 
 
 class BiFormerStage(nn.Module):
@@ -80,12 +107,22 @@ class BiFormerStage(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
+        # Blocks run channels-last: their token ops then see contiguous (B, H, W, C) memory.
+        x_in, x = x, self.downsample(x).contiguous(memory_format=torch.channels_last)
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             for blk in self.blocks:
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             return x
-        return self.blocks(x)
+        if self.training or torch.is_grad_enabled():
+            return self.blocks(x)
+        # Inference: the blocks update the stage's own tensor in place (a forward hook that keeps
+        # a block's output must clone it); the caller's tensor is never written.
+        blocks = iter(self.blocks)
+        if x is x_in:
+            x = next(blocks)(x)
+        for blk in blocks:
+            x = blk.forward_inplace_(x)
+        return x
 
 
 def _conv_bn(cin: int, cout: int, bn_layer: Callable[[int], nn.Module]) -> list[nn.Module]:
@@ -219,7 +256,7 @@ class BiFormer(nn.Module):
         last = len(self.stages) - 1
         stages = self.stages[:max_index + 1] if stop_early else self.stages
         intermediates = []
-        x = self.stem(x)
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take_indices:
@@ -244,7 +281,8 @@ class BiFormer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, num_features, ceil(H/32), ceil(W/32)), after the final BatchNorm."""
-        return self.norm(self.stages(self.stem(x)))
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))  # the stages run channels-last
+        return self.norm(self.stages(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(self.global_pool(x))  # (B, num_features)

@@ -247,16 +247,21 @@ class BiLevelRoutingAttention(nn.Module):
 
     def _forward_fast(self, x: torch.Tensor, nh: int, nw: int, topk: int, kernel: str) -> torch.Tensor:
         """Fewer copies: cut regions from x (C channels, not 3C), q and kv from two GEMMs on the
-        region layout (contiguous, no slicing copies), LCE in channels-last, added in place."""
+        region layout (contiguous, no slicing copies), LCE in channels-last, added in place.
+        Each intermediate is dropped as soon as it is used (peak memory at stage 1)."""
         B, Hp, Wp, C = x.shape
         rh, rw = Hp // nh, Wp // nw
         xr = _to_regions(x, nh, nw)  # (B, R, T, C)
         q = F.linear(xr, self.qkv.weight[:C], self.qkv.bias[:C])  # (B, R, T, C)
         kv = F.linear(xr, self.qkv.weight[C:], self.qkv.bias[C:])  # (B, R, T, 2C)
+        del xr
         idx = route(q.mean(dim=2), kv[..., :C].mean(dim=2), topk=topk, scale=self.scale)  # (B, R, topk)
-        v_img = _from_regions(kv[..., C:], nh, nw, rh, rw)  # (B, Hp, Wp, C), contiguous
-        lce = self.lepe(v_img.permute(0, 3, 1, 2))  # (B, C, Hp, Wp) view of channels-last memory
         out = _ROUTED_KERNELS[kernel](q, kv, idx, num_heads=self.num_heads, scale=self.scale)  # (B, R, T, C)
+        del q
+        v_img = _from_regions(kv[..., C:], nh, nw, rh, rw)  # (B, Hp, Wp, C), contiguous
+        del kv
+        lce = self.lepe(v_img.permute(0, 3, 1, 2))  # (B, C, Hp, Wp) view of channels-last memory
+        del v_img
         lce = lce.permute(0, 2, 3, 1)  # (B, Hp, Wp, C)
         if not lce.is_contiguous():  # conv did not keep channels-last
             lce = lce.contiguous()

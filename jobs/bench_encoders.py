@@ -7,9 +7,12 @@ Method (recorded in BENCHMARKS.md):
   batch-1 forward, then runs rounds, each timing one forward of every case in turn (interleaved,
   so load from other processes hits all cases alike): at least ``--repeats`` rounds, more (up to
   15) until the group has run ``--min-time-s``; median per case.
-- Peak memory: per (size, batch, case), a fresh spawned process builds the model and input,
-  reads its current RSS, runs one forward, and reports ru_maxrss (peak RSS) minus that RSS: the
-  activation and workspace memory of that forward, weights and the input excluded.
+- Peak memory: per (size, batch, case), a fresh spawned process builds the model and input and
+  reports two figures, weights and the input excluded from both: "allocated", the peak bytes held
+  by live tensors during a forward (torch's CPU allocator events via the profiler: the analogue of
+  ``torch.cuda.max_memory_allocated``, the figure the targets use), and "RSS", ru_maxrss minus the
+  RSS before the process's first forward (adds one-time library set-up, ~20 MiB here, and malloc
+  slack, so it overstates small models).
 - A case is skipped, with the reason printed, when its own rule says so (``Case.skip``) or when
   its batch-1 peak times the batch exceeds ``--mem-budget-gb`` (the machine is shared).
 
@@ -127,8 +130,30 @@ def _current_rss_kib() -> int:
     return pages * resource.getpagesize() // 1024
 
 
-def _peak_memory_child(case: Case, size: int, batch: int, threads: int = 0) -> float:
-    """Runs in a fresh process: peak RSS growth (MiB) of one forward."""
+def _allocated_peak_mib(fn: Callable[[], Any]) -> float:
+    """Peak bytes held by live tensors during ``fn()``, above the level at its start: the CPU
+    analogue of ``torch.cuda.max_memory_allocated``, from the profiler's allocator events."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0.0
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(0, max(e["Total Allocated"] for e in events) - start) / 2**20
+
+
+def _peak_memory_child(case: Case, size: int, batch: int, threads: int = 0) -> dict[str, float]:
+    """Runs in a fresh process. ``rss_mib``: peak RSS growth of the first forward (includes
+    one-time library set-up and allocator slack); ``peak_mib``: the allocator peak of a second
+    forward (tensors only, what the model itself holds)."""
     import resource
 
     import torch
@@ -142,7 +167,9 @@ def _peak_memory_child(case: Case, size: int, batch: int, threads: int = 0) -> f
     base = _current_rss_kib()
     with torch.inference_mode():
         model(x)
-    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        rss_mib = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        peak_mib = _allocated_peak_mib(lambda: model(x))
+    return dict(peak_mib=peak_mib, rss_mib=rss_mib)
 
 
 def _timing_child(cases: list[Case], size: int, batch: int, repeats: int,
@@ -196,11 +223,11 @@ def measure(cases: list[Case], sizes: list[int], batches: list[int], repeats: in
                 row = dict(model=c.label, size=size, batch=batch, skipped=reason or "")
                 if reason is None:
                     t0 = time.perf_counter()
-                    row["peak_mib"] = _in_child(_peak_memory_child, c, size, batch, threads)
+                    row.update(_in_child(_peak_memory_child, c, size, batch, threads))
                     if batch == 1:
-                        b1_peak[(c.label, size)] = row["peak_mib"]
-                    log(f"  memory {c.label} {size}px b{batch}: {row['peak_mib']:.0f} MiB "
-                        f"({time.perf_counter() - t0:.0f} s)")
+                        b1_peak[(c.label, size)] = row["rss_mib"]
+                    log(f"  memory {c.label} {size}px b{batch}: {row['peak_mib']:.0f} MiB allocated, "
+                        f"{row['rss_mib']:.0f} MiB RSS ({time.perf_counter() - t0:.0f} s)")
                     live.append(c)
                 else:
                     log(f"  skip {c.label} {size}px b{batch}: {reason}")
@@ -227,26 +254,27 @@ def _ratio(rows: list[dict], size: int, batch: int, a: str, b: str, key: str) ->
 
 def format_markdown(rows: list[dict], meta: dict[str, Any]) -> str:
     lines = [f"{k}: {v}" for k, v in meta.items()] + [""]
-    lines += ["| model | px | batch | img/s | ms/batch (median) | ms/batch (best) | peak MiB |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["| model | px | batch | img/s | ms/batch (median) | ms/batch (best) | peak MiB allocated "
+              "| peak MiB RSS (first call) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["skipped"]:
-            lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | skipped: {r['skipped']} | | | |")
+            lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | skipped: {r['skipped']} | | | | |")
         else:
             lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['img_s']:.2f} | {r['ms']:.0f} "
-                         f"| {r.get('best_ms', r['ms']):.0f} | {r['peak_mib']:.0f} |")
+                         f"| {r.get('best_ms', r['ms']):.0f} | {r['peak_mib']:.0f} | {r['rss_mib']:.0f} |")
     others = ["biformer_tiny scaled/reference", "biformer_tiny fixed/reference",
               "vit_small_patch16_224", "swin_tiny_patch4_window7_224"]
     lines += ["", f"Ratios for `{DEFAULT_LABEL}` (speed = its img/s / other's; memory = its peak / other's):", "",
-              "| px | batch | vs | speed x | memory x |", "|---|---|---|---|---|"]
+              "| px | batch | vs | speed x | memory x (allocated) | memory x (RSS) |", "|---|---|---|---|---|---|"]
     for size in sorted({r["size"] for r in rows}):
         for batch in sorted({r["batch"] for r in rows}):
             for other in others:
                 s = _ratio(rows, size, batch, DEFAULT_LABEL, other, "img_s")
                 m = _ratio(rows, size, batch, DEFAULT_LABEL, other, "peak_mib")
+                r = _ratio(rows, size, batch, DEFAULT_LABEL, other, "rss_mib")
                 if s is not None:
                     lines.append(f"| {size} | {batch} | {other} | {s:.2f} | "
-                                 f"{'' if m is None else f'{m:.2f}'} |")
+                                 f"{'' if m is None else f'{m:.2f}'} | {'' if r is None else f'{r:.2f}'} |")
     return "\n".join(lines)
 
 

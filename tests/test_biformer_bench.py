@@ -41,14 +41,31 @@ def test_dense_case_skips_large_inputs():
 
 def test_markdown_ratios():
     rows = [
-        dict(model=bench.DEFAULT_LABEL, size=512, batch=1, skipped="", img_s=2.0, ms=500, peak_mib=100),
+        dict(model=bench.DEFAULT_LABEL, size=512, batch=1, skipped="", img_s=2.0, ms=500, peak_mib=100,
+             rss_mib=150),
         dict(model="biformer_tiny scaled/reference", size=512, batch=1, skipped="", img_s=1.0, ms=1000,
-             peak_mib=400),
+             peak_mib=400, rss_mib=300),
         dict(model="vit_small_patch16_224", size=512, batch=1, skipped="too big"),
     ]
     text = bench.format_markdown(rows, {"date": "today"})
-    assert "| 512 | 1 | biformer_tiny scaled/reference | 2.00 | 0.25 |" in text
+    assert "| 512 | 1 | biformer_tiny scaled/reference | 2.00 | 0.25 | 0.50 |" in text
     assert "skipped: too big" in text
+
+
+def test_allocated_peak_counts_live_tensors_only():
+    import torch
+
+    def work():
+        a = torch.ones(2 * 2**20)  # 8 MiB
+        del a
+        b = torch.ones(2**20)  # 4 MiB, after the 8 MiB was freed
+        c = torch.ones(2**20)  # 4 MiB more: 8 MiB live at the peak
+        return b.sum() + c.sum()
+
+    assert bench._allocated_peak_mib(work) == pytest.approx(8.0, abs=0.1)
+    held = torch.ones(4 * 2**20)  # allocated before the call: not counted
+    assert bench._allocated_peak_mib(lambda: torch.ones(2**20).sum()) == pytest.approx(4.0, abs=0.1)
+    del held
 
 
 @pytest.mark.slow
@@ -57,5 +74,5 @@ def test_run_end_to_end(tmp_path, capsys):
     assert bench.run(_args("--sizes", "32", "--batch-sizes", "1", "--repeats", "1",
                            "--models", "scaled/auto", "--out", str(out))) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 1 and rows[0]["img_s"] > 0 and rows[0]["peak_mib"] >= 0
+    assert len(rows) == 1 and rows[0]["img_s"] > 0 and rows[0]["peak_mib"] > 0 and rows[0]["rss_mib"] >= 0
     assert bench.DEFAULT_LABEL in capsys.readouterr().out

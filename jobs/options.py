@@ -39,6 +39,10 @@ def non_negative_float(text: str) -> float:
     return _float_in(text, lambda v: v >= 0.0, "a number >= 0, e.g. 0.5")
 
 
+def positive_float(text: str) -> float:
+    return _float_in(text, lambda v: v > 0.0, "a number > 0, e.g. 0.75")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -63,15 +63,28 @@ class EmbedConfig:
             raise ValueError(f"Expected run_id of letters, digits, '.', '_', '-' (it names files under OUT/runs), got {self.run_id!r}")
 
 
+# CPU-only clusters: one single-threaded embed actor per CPU, each reserving this share of a CPU;
+# decode tasks reserve the rest in slices of DECODE_TASK_CPUS, and Ray Data's backpressure keeps
+# them from running ahead. Measured on the 2-core dev machine (BENCHMARKS.md, pipeline
+# throughput): one 1-thread actor left a core half idle, one 2-thread actor stalled whenever a
+# decode task shared its cores.
+CPU_ACTOR_SHARE = 0.75
+DECODE_TASK_CPUS = 0.25
+
+
 def plan_actors(resources: dict, *, actors: int | None, actor_cpus: float | None) -> dict:
-    """Actor pool sizing: one actor per GPU when the cluster has GPUs; otherwise one CPU
-    actor that takes half the CPUs (the decode tasks take the rest)."""
+    """Actor pool sizing: one actor per GPU (1 CPU each, decode tasks 1 CPU each) when the
+    cluster has GPUs; otherwise one single-threaded actor per CPU (see CPU_ACTOR_SHARE)."""
     gpus = int(resources.get("GPU", 0))
     cpus = float(resources.get("CPU", 1))
     if gpus:
-        return {"size": actors or gpus, "num_gpus": 1, "num_cpus": actor_cpus or 1}
-    per_actor = actor_cpus or max(1.0, cpus // 2)
-    return {"size": actors or 1, "num_gpus": 0, "num_cpus": per_actor}
+        return {"size": actors or gpus, "num_gpus": 1, "num_cpus": actor_cpus or 1, "decode_cpus": 1.0}
+    size = actors or max(1, int(cpus))
+    per_actor = actor_cpus or CPU_ACTOR_SHARE
+    if cpus - size * per_actor < DECODE_TASK_CPUS:
+        raise ValueError(f"{size} embed actors x {per_actor} CPUs leave under {DECODE_TASK_CPUS} of the "
+                         f"cluster's {cpus:g} CPUs for decode tasks: lower --actors or --actor-cpus")
+    return {"size": size, "num_gpus": 0, "num_cpus": per_actor, "decode_cpus": DECODE_TASK_CPUS}
 
 
 def staging_root(out: str, model_version: str) -> str:
@@ -136,7 +149,7 @@ def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tu
         n_blocks = min(MAX_BLOCKS, max(-(-todo.num_rows // cfg.decode_batch_size), min(todo.num_rows, 2 * pool["size"])))
         ds = ray.data.from_arrow(todo).repartition(n_blocks)
         ds = ds.map_batches(fetch_decode_batch, batch_format="pyarrow", batch_size=cfg.decode_batch_size,
-                            fn_kwargs={"data_config": enc.data_config, "max_pixels": cfg.max_pixels})
+                            num_cpus=pool["decode_cpus"], fn_kwargs={"data_config": enc.data_config, "max_pixels": cfg.max_pixels})
         ds = ds.map_batches(
             EmbedActor, batch_format="pyarrow", batch_size=cfg.embed_batch_size,
             fn_constructor_kwargs={"spec": cfg.spec, "expected_version": enc.model_version,

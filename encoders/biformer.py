@@ -15,7 +15,10 @@ Resolution policy, keyword ``region_grid`` (default ``"scaled"``, which the embe
   - ``"scaled"``: at least 7 regions per side, more above 224 px, so that regions keep at most
     their 224-px size (8, 4, 2 tokens per side in stages 1-3) and top-k keeps the key count
     per query at most 64: near-linear cost. Identical to ``"fixed"`` at 224 px and below.
-Kernel, keyword ``bra_kernel`` (default ``"auto"``): see ``encoders.bra``.
+Kernel, keyword ``bra_kernel`` (default ``"auto"``): see ``encoders.bra``. Under inference
+(eval, no autograd) every kernel but ``"reference"`` also runs the stages channels-last with
+in-place residuals and a token-chunked MLP (same function, less memory); ``"reference"`` is the
+plain model throughout, the baseline the benchmarks and the parity tests compare against.
 """
 from __future__ import annotations
 
@@ -67,9 +70,10 @@ class BiFormerBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim=dim, hidden=int(dim * mlp_ratio), act_layer=act_layer)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.fast_inference = True  # False under bra_kernel="reference": the authors' data flow
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled() or not _is_channels_last(x):
+        if not _fast_inference(self) or not _is_channels_last(x):
             x = x + self.pos_embed(x)
             x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
             x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -99,21 +103,28 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous()
 
 
+def _fast_inference(m: nn.Module) -> bool:
+    """Eval, no autograd, and not the reference path: the in-place, channels-last data flow."""
+    return m.fast_inference and not m.training and not torch.is_grad_enabled()
+
+
 class BiFormerStage(nn.Module):
     def __init__(self, *, downsample: nn.Module, blocks: list[nn.Module]):
         super().__init__()
         self.downsample = downsample
         self.blocks = nn.Sequential(*blocks)
         self.grad_checkpointing = False
+        self.fast_inference = True  # False under bra_kernel="reference": the authors' data flow
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Blocks run channels-last: their token ops then see contiguous (B, H, W, C) memory.
-        x_in, x = x, self.downsample(x).contiguous(memory_format=torch.channels_last)
+        x_in, x = x, self.downsample(x)
+        if self.fast_inference:  # token ops then see contiguous (B, H, W, C) memory
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             for blk in self.blocks:
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             return x
-        if self.training or torch.is_grad_enabled():
+        if not _fast_inference(self):
             return self.blocks(x)
         # Inference: the blocks update the stage's own tensor in place (a forward hook that keeps
         # a block's output must clone it); the caller's tensor is never written.
@@ -198,7 +209,9 @@ class BiFormer(nn.Module):
 
     def set_attention_mode(self, *, region_grid: Optional[RegionGrid] = None,
                            bra_kernel: Optional[BraKernel] = None) -> None:
-        """Switch the resolution policy and/or attention kernel of every attention layer."""
+        """Switch the resolution policy and/or attention kernel of every attention layer.
+        ``bra_kernel="reference"`` also runs the blocks as the authors wrote them (NCHW,
+        out-of-place residuals, whole-map MLP): the plain model, the baseline and parity oracle."""
         if region_grid is not None and region_grid not in REGION_GRIDS:
             raise ValueError(f"Expected region_grid in {REGION_GRIDS}, got {region_grid!r}")
         if bra_kernel is not None:
@@ -211,6 +224,8 @@ class BiFormer(nn.Module):
                 m.grid_mode, m.kernel = self.region_grid, self.bra_kernel
             elif isinstance(m, DenseAttentionLePE):
                 m.kernel = self.bra_kernel
+            elif isinstance(m, (BiFormerStage, BiFormerBlock)):
+                m.fast_inference = self.bra_kernel != "reference"
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -256,7 +271,7 @@ class BiFormer(nn.Module):
         last = len(self.stages) - 1
         stages = self.stages[:max_index + 1] if stop_early else self.stages
         intermediates = []
-        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        x = self.stem(self._stem_input(x))
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take_indices:
@@ -281,8 +296,11 @@ class BiFormer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, num_features, ceil(H/32), ceil(W/32)), after the final BatchNorm."""
-        x = self.stem(x.contiguous(memory_format=torch.channels_last))  # the stages run channels-last
-        return self.norm(self.stages(x))
+        return self.norm(self.stages(self.stem(self._stem_input(x))))
+
+    def _stem_input(self, x: torch.Tensor) -> torch.Tensor:
+        # The fast path runs channels-last from the stem on; the reference path keeps NCHW.
+        return x.contiguous(memory_format=torch.channels_last) if self.stages[0].fast_inference else x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(self.global_pool(x))  # (B, num_features)

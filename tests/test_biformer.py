@@ -154,6 +154,10 @@ def test_inference_path_equals_training_layout(size):
     assert (fast - slow).abs().max().item() < 1e-5
     assert torch.equal(x, x_before) and torch.equal(stem, stem_before)
     assert stage0.shape == (2, 64, *[(s + 3) // 4 for s in size])
+    model.set_attention_mode(bra_kernel="reference")  # the plain model: baseline and oracle
+    assert not any(getattr(m, "fast_inference", False) for m in model.modules())
+    model.set_attention_mode(bra_kernel="auto")
+    assert all(blk.fast_inference for stage in model.stages for blk in stage.blocks)
 
 
 def test_modes_agree_at_224_and_differ_above():

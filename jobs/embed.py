@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-batch-size", type=positive_int, default=32, help="objects fetched and decoded per CPU task batch (default 32)")
     g.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass on an embed actor (default 32)")
     g.add_argument("--actors", type=positive_int, default=None, help="embed actors (default: one per GPU; one single-threaded actor per CPU on a CPU-only cluster)")
-    g.add_argument("--actor-cpus", type=positive_float, default=None, help="CPUs per embed actor (default: 1 with GPUs, 0.75 without; decode tasks take the rest)")
+    g.add_argument("--actor-cpus", type=positive_float, default=None, help="CPUs per embed actor (default: 1 with GPUs; without, up to 0.75, leaving 1 CPU for decode and write tasks)")
     g.add_argument("--max-pixels", type=positive_int, default=178_956_970,
                    help="decoded-size guard against decompression bombs (default 178956970, Pillow's own)")
     g.add_argument("--max-error-rate", type=fraction, default=1.0,

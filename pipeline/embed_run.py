@@ -63,12 +63,13 @@ class EmbedConfig:
             raise ValueError(f"Expected run_id of letters, digits, '.', '_', '-' (it names files under OUT/runs), got {self.run_id!r}")
 
 
-# CPU-only clusters: one single-threaded embed actor per CPU, each reserving this share of a CPU;
-# decode tasks reserve the rest in slices of DECODE_TASK_CPUS, and Ray Data's backpressure keeps
-# them from running ahead. Measured on the 2-core dev machine (BENCHMARKS.md, pipeline
-# throughput): one 1-thread actor left a core half idle, one 2-thread actor stalled whenever a
-# decode task shared its cores.
-CPU_ACTOR_SHARE = 0.75
+# CPU-only clusters: one single-threaded embed actor per CPU. The actors' reservations leave one
+# whole CPU for Ray Data's 1-CPU tasks (repartition, write); decode tasks reserve slices of
+# DECODE_TASK_CPUS, and Ray Data's backpressure keeps them from running ahead. Reservations are
+# logical: each actor still uses a whole core while it embeds. Measured on the 2-core dev machine
+# (BENCHMARKS.md, pipeline throughput): one 1-thread actor left a core half idle, one 2-thread
+# actor stalled whenever a decode task shared its cores.
+CPU_ACTOR_SHARE = 0.75  # at most; less when the CPUs are few (0.5 each on 2 CPUs)
 DECODE_TASK_CPUS = 0.25
 
 
@@ -80,10 +81,10 @@ def plan_actors(resources: dict, *, actors: int | None, actor_cpus: float | None
     if gpus:
         return {"size": actors or gpus, "num_gpus": 1, "num_cpus": actor_cpus or 1, "decode_cpus": 1.0}
     size = actors or max(1, int(cpus))
-    per_actor = actor_cpus or CPU_ACTOR_SHARE
-    if cpus - size * per_actor < DECODE_TASK_CPUS:
-        raise ValueError(f"{size} embed actors x {per_actor} CPUs leave under {DECODE_TASK_CPUS} of the "
-                         f"cluster's {cpus:g} CPUs for decode tasks: lower --actors or --actor-cpus")
+    per_actor = actor_cpus or min(CPU_ACTOR_SHARE, max(0.0, cpus - 1) / size)
+    if cpus - size * per_actor < 1:
+        raise ValueError(f"{size} embed actors x {per_actor:g} CPUs leave under 1 of the cluster's {cpus:g} CPUs "
+                         "for Ray Data's decode and write tasks: lower --actors or --actor-cpus")
     return {"size": size, "num_gpus": 0, "num_cpus": per_actor, "decode_cpus": DECODE_TASK_CPUS}
 
 

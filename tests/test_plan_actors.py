@@ -10,14 +10,19 @@ def test_one_actor_per_gpu_with_whole_cpus_for_decode():
     assert plan_actors({"CPU": 16, "GPU": 4}, actors=2, actor_cpus=3)["size"] == 2
 
 
-def test_cpu_only_one_single_threaded_actor_per_cpu_and_room_for_decode():
+def test_cpu_only_one_single_threaded_actor_per_cpu_and_room_for_ray_data():
     pool = plan_actors({"CPU": 2}, actors=None, actor_cpus=None)
-    assert pool == {"size": 2, "num_gpus": 0, "num_cpus": CPU_ACTOR_SHARE, "decode_cpus": DECODE_TASK_CPUS}
-    # every actor and at least one decode task fit at once, or the job would wait forever
-    assert pool["size"] * pool["num_cpus"] + pool["decode_cpus"] <= 2
+    assert pool == {"size": 2, "num_gpus": 0, "num_cpus": 0.5, "decode_cpus": DECODE_TASK_CPUS}
+    big = plan_actors({"CPU": 16}, actors=None, actor_cpus=None)
+    assert big["size"] == 16 and big["num_cpus"] == CPU_ACTOR_SHARE
+    for cpus in (1, 2, 3, 16):
+        # every actor and one 1-CPU Ray Data task (repartition, write) fit at once, or the job
+        # would wait forever for resources
+        pool = plan_actors({"CPU": cpus}, actors=None, actor_cpus=None)
+        assert pool["size"] * pool["num_cpus"] + 1 <= cpus
 
 
 def test_cpu_only_overcommit_is_refused_with_the_flags_named():
     with pytest.raises(ValueError, match="--actors or --actor-cpus"):
-        plan_actors({"CPU": 2}, actors=2, actor_cpus=1.0)
+        plan_actors({"CPU": 2}, actors=2, actor_cpus=0.75)
     assert plan_actors({"CPU": 2}, actors=1, actor_cpus=1.0)["size"] == 1

@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-images", type=positive_int, default=300,
                    help="images of the 1x memory run; the 10x run uses ten times as many (default 300)")
     p.add_argument("--list-objects", type=positive_int, default=100_000, help="objects for the listing comparison (default 100000)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward in (a), (c) and (d) (default 32)")
+    p.add_argument("--decode-batch-size", type=positive_int, default=32,
+                   help="objects per decode task in (d) (default 32, the embed job's default)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: throughput,memory,listing")
 
 
@@ -192,11 +195,12 @@ def run(args) -> int:
             source = f"{bucket}/images/"
             uris = storage.put_many(source, _make_objects(args.small, args.large))
             data_config = create_encoder(EncoderSpec.from_dict(spec)).data_config
-            a = encoder_only(spec, len(uris))
+            a = encoder_only(spec, len(uris), batch=args.batch_size)
             b = decode_only(uris, data_config, procs)
-            c = dataloader_loop(uris, spec, procs)
+            c = dataloader_loop(uris, spec, procs, batch=args.batch_size)
             ray.init(num_cpus=procs, include_dashboard=False, runtime_env={"env_vars": store.aws_env()})
-            result = run_embed(EmbedConfig(source=source, out=f"{bucket}/out", spec=spec, build_index=False))
+            result = run_embed(EmbedConfig(source=source, out=f"{bucket}/out", spec=spec, build_index=False,
+                                           embed_batch_size=args.batch_size, decode_batch_size=args.decode_batch_size))
             ray.shutdown()
             t = result["timings_s"]
             d = result["counts"]["processed"] / (t["list"] + t["fetch+decode+embed+write"])

@@ -38,11 +38,11 @@ class EmbedActor:
         import numpy as np
         import torch
 
-        raw = np.frombuffer(b"".join(pixels), dtype=np.uint8).reshape(len(pixels), 3, self.height, self.width)
-        x = torch.from_numpy(raw.copy())
+        joined = bytearray(b"".join(pixels))  # one writable copy, shared by the tensor below
+        x = torch.from_numpy(np.frombuffer(joined, dtype=np.uint8)).view(len(pixels), 3, self.height, self.width)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        x = (x.float() - self.mean) / self.std  # (n, 3, H, W), timm's Normalize on 0..255 input
+        x = x.float().sub_(self.mean).div_(self.std)  # (n, 3, H, W), timm's Normalize on 0..255 input
         with torch.inference_mode():
             if self.device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 
 from . import storage, tables
 from .index_plan import IndexPlan, parse_bytes, plan_index
-from .index_tune import drop_self, exact_topk, merge_topk, recall_at_k, tune  # noqa: F401  (public re-exports)
+from .index_tune import TIE_MARGIN, drop_self, exact_topk, merge_topk, recall_at_k, tune  # noqa: F401  (public re-exports)
 
 log = logging.getLogger(__name__)
 
@@ -255,13 +255,15 @@ def publish(index_root: str, index_id: str) -> None:
     storage.write_bytes_atomic(storage.join(index_root, "CURRENT"), index_id.encode())
 
 
-def verify_and_tune(index_root: str, index_id: str, manifest: dict, queries, exact_ids, self_ids, target: float) -> dict:
+def verify_and_tune(index_root: str, index_id: str, manifest: dict, queries, exact_ids, self_ids, target: float,
+                    exact_scores=None) -> dict:
     """Open the written index the way search does, tune it, record the result."""
     from .search import ShardedIndex
 
     index = ShardedIndex.open(index_root, index_id=index_id)
     result = tune(index, queries, exact_ids, nlist=manifest["plan"]["nlist"],
-                  hnsw_quantizer=manifest["plan"]["hnsw_quantizer"], target=target, k=RECALL_K, self_ids=self_ids)
+                  hnsw_quantizer=manifest["plan"]["hnsw_quantizer"], target=target, k=RECALL_K, self_ids=self_ids,
+                  exact_scores=exact_scores)
     manifest.update({k: result[k] for k in ("search_params", "recall_at_10")})
     manifest["tuning"] = result
     if not result["reached_target"]:
@@ -307,7 +309,7 @@ def build_index(table_uri: str, index_root: str, *, shards: int | None = None, v
         self_ids, queries = snap.sample(RECALL_QUERIES, seed=snap.version)
     else:
         self_ids, queries = None, np.ascontiguousarray(queries, dtype="float32")
-    k_exact = RECALL_K + (0 if self_ids is None else 1)
+    k_exact = RECALL_K + TIE_MARGIN + (0 if self_ids is None else 1)
 
     t0 = time.perf_counter()
     if trained is not None:
@@ -355,7 +357,7 @@ def build_index(table_uri: str, index_root: str, *, shards: int | None = None, v
         shard_entries = [{"file": r["file"], "ntotal": r["ntotal"]} for r in results]
     timings["merge_s"] = time.perf_counter() - t0
     exact_ids, exact_scores = merge_topk([r["exact_ids"] for r in results], [r["exact_scores"] for r in results], k_exact)
-    exact_ids, _ = drop_self(exact_ids, exact_scores, self_ids, RECALL_K)
+    exact_ids, exact_scores = drop_self(exact_ids, exact_scores, self_ids, RECALL_K + TIE_MARGIN)
     manifest = {
         "index_id": index_id,
         "factory": plan.factory,
@@ -380,7 +382,8 @@ def build_index(table_uri: str, index_root: str, *, shards: int | None = None, v
     }
     write_manifest(index_dir, manifest)
     t0 = time.perf_counter()
-    manifest = verify_and_tune(index_root, index_id, manifest, queries, exact_ids, self_ids, target_recall)
+    manifest = verify_and_tune(index_root, index_id, manifest, queries, exact_ids, self_ids, target_recall,
+                               exact_scores)
     timings["tune_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_all
     manifest["build"]["timings"] = {k: round(v, 3) for k, v in timings.items()}

@@ -1,7 +1,8 @@
 """Exact ground truth, recall and search-parameter tuning for an index.
 
 recall@k here is the k-intersection measure: |found top-k ∩ exact top-k| / k, averaged
-over queries. Exact top-k comes from numpy (blocked matrix products), independent of faiss.
+over queries; with exact scores beyond the k-th, an id tied with the exact k-th score (within
+TIE_TOL) also counts, since which of tied ids is k-th is a matter of rounding. Exact top-k comes from numpy (blocked matrix products), independent of faiss.
 Queries drawn from the table are in the index; their own id is dropped from both the
 exact and the found lists (search asks for k+1), so a query never counts itself.
 """
@@ -11,6 +12,8 @@ import time
 
 from .index_plan import nprobe_candidates, pick_search_param
 
+TIE_MARGIN = 5  # exact neighbours kept past the k-th, to recognise ties with it
+TIE_TOL = 1e-5  # inner products of unit vectors closer than this are ties (float32 rounding)
 EXACT_BLOCK = 16384  # rows per matrix product: (Q, 16384) float32 scores are 64 MB at Q=1000
 
 
@@ -28,10 +31,19 @@ def merge_topk(id_lists, score_lists, k: int):
     return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
-def recall_at_k(found, exact) -> float:
-    k = exact.shape[1]
-    hits = sum(len(set(f[:k]) & set(e) - {-1}) for f, e in zip(found, exact))
-    return hits / float(exact.size) if exact.size else 1.0
+def recall_at_k(found, exact, exact_scores=None) -> float:
+    """found (Q, k) ids against exact (Q, >= k) ids, best first; exact_scores (same shape as
+    exact) makes ids tied with the exact k-th count as hits."""
+    k = found.shape[1] if exact_scores is not None else exact.shape[1]
+    hits = 0
+    for r, (f, e) in enumerate(zip(found, exact)):
+        allowed = set(e[:k].tolist())
+        if exact_scores is not None and len(e) > k:
+            kth = exact_scores[r][k - 1]
+            allowed |= {i for i, s in zip(e[k:].tolist(), exact_scores[r][k:]) if s >= kth - TIE_TOL}
+        hits += min(k, len(set(f[:k].tolist()) & allowed - {-1}))
+    total = len(exact) * k
+    return hits / float(total) if total else 1.0
 
 
 def exact_topk(queries, vectors, ids, k: int, *, block: int = EXACT_BLOCK):
@@ -75,7 +87,7 @@ def search_params_for(nprobe: int, hnsw_quantizer: bool) -> dict:
 
 
 def tune(index, queries, exact_ids, *, nlist: int, hnsw_quantizer: bool, target: float, k: int = 10,
-         self_ids=None, eval_fraction: float = 0.5) -> dict:
+         self_ids=None, eval_fraction: float = 0.5, exact_scores=None) -> dict:
     """Pick the smallest nprobe reaching `target` recall@k on the first part of the
     queries; report recall and latency on the held-out rest. `index` has
     `.set_search_params(dict)` and `.search_vectors(q, k)` (a ShardedIndex)."""
@@ -90,7 +102,8 @@ def tune(index, queries, exact_ids, *, nlist: int, hnsw_quantizer: bool, target:
         extra = 0 if self_ids is None else 1
         ids, scores = index.search_vectors(queries[part], k + extra)
         sid = None if self_ids is None else np.asarray(self_ids)[part]
-        return recall_at_k(drop_self(ids, scores, sid, k)[0], exact_ids[part])
+        scores_part = None if exact_scores is None else exact_scores[part]
+        return recall_at_k(drop_self(ids, scores, sid, k)[0], exact_ids[part], scores_part)
 
     curve = []
     if nlist:

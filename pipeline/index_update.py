@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timezone
 
 from . import storage
-from .index_build import (DEFAULT_TARGET_RECALL, RECALL_K, RECALL_QUERIES, TableSnapshot, build_index, drop_self,
+from .index_build import (DEFAULT_TARGET_RECALL, RECALL_K, RECALL_QUERIES, TIE_MARGIN, TableSnapshot, build_index, drop_self,
                           exact_topk, merge_topk, model_version_of, new_index_id, plan_shards, publish, read_file,
                           vectors_of, verify_and_tune, write_manifest)
 from .index_plan import parse_bytes, plan_index, rebuild_reason
@@ -160,8 +160,8 @@ def update_index(table_uri: str, index_root: str, *, version: int | None = None,
 
     # Recall against exact search over the new table version, in parallel over file groups.
     self_ids, queries = snap.sample(RECALL_QUERIES, seed=snap.version)
-    exact_ids, exact_scores = _exact_over_table(snap, queries, RECALL_K + 1)
-    exact_ids, _ = drop_self(exact_ids, exact_scores, self_ids, RECALL_K)
+    exact_ids, exact_scores = _exact_over_table(snap, queries, RECALL_K + TIE_MARGIN + 1)
+    exact_ids, exact_scores = drop_self(exact_ids, exact_scores, self_ids, RECALL_K + TIE_MARGIN)
     manifest = dict(cm, index_id=index_id, ntotal=ntotal, table_version=snap.version,
                     shards=[{"file": e["file"], "ntotal": int(s.ntotal)} for e, s in zip(cm["shards"], shards_idx)],
                     ids_files=["ids_00000.parquet"], search_params={})
@@ -170,7 +170,8 @@ def update_index(table_uri: str, index_root: str, *, version: int | None = None,
                           "removed": int(len(removed)), "added": int(len(added))}
     manifest.pop("tuning", None)
     write_manifest(index_dir, manifest)
-    manifest = verify_and_tune(index_root, index_id, manifest, queries, exact_ids, self_ids, target_recall)
+    manifest = verify_and_tune(index_root, index_id, manifest, queries, exact_ids, self_ids, target_recall,
+                               exact_scores)
     parent_ok = cm.get("tuning", {}).get("reached_target", True)
     if not manifest["tuning"]["reached_target"] and parent_ok:
         return rebuild(f"recall@10 {manifest['recall_at_10']:.4f} after the update is below the target {target_recall}")

@@ -95,3 +95,8 @@ def test_exact_topk_blocks_equal_one_sort_and_drop_self():
     padded_i, padded_s = merge_topk([np.array([[3, -1]])], [np.array([[0.1, 0.0]], dtype="float32")], 2)
     assert padded_i.tolist() == [[3, -1]]
     assert recall_at_k(np.array([[1, 2, -1]]), np.array([[1, 2, 3]])) == pytest.approx(2 / 3)
+    # exact scores past the k-th: an id tied with the k-th counts, a lower one does not
+    exact, scores = np.array([[1, 2, 3, 4]]), np.array([[0.9, 0.8, 0.8 - 1e-7, 0.5]])
+    assert recall_at_k(np.array([[1, 3]]), exact, scores) == 1.0
+    assert recall_at_k(np.array([[1, 4]]), exact, scores) == 0.5
+    assert recall_at_k(np.array([[3, 3]]), exact, scores) == 0.5  # a repeated id is one hit

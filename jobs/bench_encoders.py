@@ -1,8 +1,9 @@
 """`sparse-embed bench encoders`: images/s and peak memory of encoders at several input sizes.
 
 Method (recorded in BENCHMARKS.md):
-- All models random-init (seed 0), fp32, eval, under ``torch.inference_mode``, torch's default
-  intra-op thread count; one input tensor per (size, batch), seeded.
+- All models random-init (seed 0), eval, under ``torch.inference_mode``; fp32 on the CPU with
+  ``--threads`` intra-op threads, or, where CUDA is available, on the GPU under bf16 autocast
+  (timed with a synchronize); one input tensor per (size, batch), seeded.
 - Throughput: per (size, batch), one fresh process builds every case, warms each up with one
   batch-1 forward, then runs rounds, each timing one forward of every case in turn (interleaved,
   so load from other processes hits all cases alike): at least ``--repeats`` rounds, more (up to
@@ -150,25 +151,52 @@ def _allocated_peak_mib(fn: Callable[[], Any]) -> float:
     return max(0, max(e["Total Allocated"] for e in events) - start) / 2**20
 
 
-def _peak_memory_child(case: Case, size: int, batch: int, threads: int = 0) -> dict[str, float]:
-    """Runs in a fresh process. ``rss_mib``: peak RSS growth of the first forward (includes
-    one-time library set-up and allocator slack); ``peak_mib``: the allocator peak of a second
-    forward (tensors only, what the model itself holds)."""
-    import resource
+def _forward_fn(model, x):
+    """One timed forward: fp32 on CPU; on CUDA bf16 autocast, synchronised so the clock sees it."""
+    import torch
 
+    if x.device.type != "cuda":
+        return lambda: model(x)
+
+    def run():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x)
+        torch.cuda.synchronize()
+    return run
+
+
+def _build_on_device(case: Case, size: int, batch: int, threads: int):
     import torch
 
     if threads > 0:
         torch.set_num_threads(threads)
-
     torch.manual_seed(0)
-    model = case.build(size)
-    x = torch.randn(batch, 3, size, size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = case.build(size).to(device)
+    return model, torch.randn(batch, 3, size, size).to(device)
+
+
+def _peak_memory_child(case: Case, size: int, batch: int, threads: int = 0) -> dict[str, float]:
+    """Runs in a fresh process. ``rss_mib``: peak RSS growth of the first forward (includes
+    one-time library set-up and allocator slack); ``peak_mib``: the allocator peak of a second
+    forward (tensors only, what the model itself holds; on CUDA, max_memory_allocated)."""
+    import resource
+
+    import torch
+
+    model, x = _build_on_device(case, size, batch, threads)
+    forward = _forward_fn(model, x)
     base = _current_rss_kib()
     with torch.inference_mode():
-        model(x)
+        forward()
         rss_mib = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-        peak_mib = _allocated_peak_mib(lambda: model(x))
+        if x.device.type == "cuda":
+            start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            forward()
+            peak_mib = (torch.cuda.max_memory_allocated() - start) / 2**20
+        else:
+            peak_mib = _allocated_peak_mib(forward)
     return dict(peak_mib=peak_mib, rss_mib=rss_mib)
 
 
@@ -179,22 +207,19 @@ def _timing_child(cases: list[Case], size: int, batch: int, repeats: int,
     so cheap cases get enough samples for a median on a noisy machine."""
     import torch
 
-    if threads > 0:
-        torch.set_num_threads(threads)
-
-    torch.manual_seed(0)
-    models = {c.label: c.build(size) for c in cases}
-    x = torch.randn(batch, 3, size, size)
-    times: dict[str, list[float]] = {label: [] for label in models}
+    built = {c.label: _build_on_device(c, size, batch, threads) for c in cases}
+    forwards = {label: _forward_fn(m, x) for label, (m, x) in built.items()}
+    warmups = {label: _forward_fn(m, x[:1]) for label, (m, x) in built.items()}
+    times: dict[str, list[float]] = {label: [] for label in built}
     with torch.inference_mode():
-        for m in models.values():
-            m(x[:1])  # warm-up at batch 1
+        for warm in warmups.values():
+            warm()  # warm-up at batch 1
         t_start, rounds = time.perf_counter(), 0
         while rounds < repeats or (time.perf_counter() - t_start < min_time_s and rounds < max_rounds):
             rounds += 1
-            for label, m in models.items():
+            for label, forward in forwards.items():
                 t0 = time.perf_counter()
-                m(x)
+                forward()
                 times[label].append(time.perf_counter() - t0)
     return times
 
@@ -292,7 +317,8 @@ def run(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
                    f"{args.threads or torch.get_num_threads()} torch threads, "
-                   f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}; fp32 CPU",
+                   + (f"{torch.cuda.get_device_name()}; bf16 autocast on the GPU" if torch.cuda.is_available()
+                      else "no GPU; fp32 CPU"),
         "torch": torch.__version__, "repeats": args.repeats,
     }
     t0 = time.perf_counter()

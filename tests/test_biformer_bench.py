@@ -76,3 +76,15 @@ def test_run_end_to_end(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 1 and rows[0]["img_s"] > 0 and rows[0]["peak_mib"] > 0 and rows[0]["rss_mib"] >= 0
     assert bench.DEFAULT_LABEL in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_run_on_gpu_in_bf16(tmp_path):
+    import torch
+
+    out = tmp_path / "bench.json"
+    assert bench.run(_args("--sizes", "64", "--batch-sizes", "1,2", "--repeats", "1",
+                           "--models", "scaled/auto,scaled/reference", "--out", str(out))) == 0
+    doc = json.loads(out.read_text())
+    assert torch.cuda.get_device_name() in doc["meta"]["machine"] and "bf16" in doc["meta"]["machine"]
+    assert all(r["img_s"] > 0 and r["peak_mib"] > 0 for r in doc["rows"])

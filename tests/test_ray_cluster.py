@@ -42,7 +42,7 @@ def test_multi_node_cluster_with_logical_gpus_gets_one_actor_per_gpu(object_stor
         ray.init(address=cluster.address, runtime_env={"env_vars": object_store.aws_env()})
         source, uris = _fill(bucket, 8, seed=3)
         result = run_embed(EmbedConfig(source=source, out=f"{bucket}/out", spec=SPEC, embed_batch_size=4, build_index=False))
-        assert result["actor_pool"] == {"size": 2, "num_gpus": 1, "num_cpus": 1}
+        assert result["actor_pool"] == {"size": 2, "num_gpus": 1, "num_cpus": 1, "decode_cpus": 1.0}
         emb = tables.read_columns(tables.table_uri(f"{bucket}/out", tables.EMBEDDINGS), ["uri"])
         assert sorted(emb.column("uri").to_pylist()) == sorted(uris)
     finally:

@@ -154,6 +154,10 @@ def test_inference_path_equals_training_layout(size):
     assert (fast - slow).abs().max().item() < 1e-5
     assert torch.equal(x, x_before) and torch.equal(stem, stem_before)
     assert stage0.shape == (2, 64, *[(s + 3) // 4 for s in size])
+    block, nchw = model.stages[1].blocks[0], torch.randn(2, 128, 9, 11, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        direct = block(nchw)  # a block called on an NCHW tensor takes the out-of-place path
+    assert (direct - block(nchw.clone().requires_grad_(True)).detach()).abs().max().item() < 1e-5
     model.set_attention_mode(bra_kernel="reference")  # the plain model: baseline and oracle
     assert not any(getattr(m, "fast_inference", False) for m in model.modules())
     model.set_attention_mode(bra_kernel="auto")

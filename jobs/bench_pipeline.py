@@ -208,6 +208,8 @@ def run(args) -> int:
             rows += [("(a) encoder only, images/s", f"{a:.1f}"), ("(b) fetch+decode only, images/s", f"{b:.1f}"),
                      ("ideal 1/(1/a+1/b), images/s", f"{ideal:.1f}"), ("(c) DataLoader loop, images/s", f"{c:.1f}"),
                      ("(d) pipeline end to end, images/s", f"{d:.1f}"),
+                     ("(d) listing, s", f"{t['list']:.1f}"),
+                     ("(d) fetch+decode+embed+write stage, s", f"{t['fetch+decode+embed+write']:.1f}"),
                      ("d / ideal", f"{d / ideal:.2f}"), ("d / c", f"{d / c:.2f}")]
         if "memory" not in skip:
             objs = _make_objects(args.memory_images, 0, seed=1)

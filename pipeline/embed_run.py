@@ -41,6 +41,7 @@ class EmbedConfig:
     glob: str | None = None
     decode_batch_size: int = 32  # objects fetched concurrently by one decode task
     embed_batch_size: int = 32  # images per forward pass
+    rows_per_file: int = tables.ROWS_PER_FILE  # rows per Parquet file the write tasks put (at most one smaller file per write task)
     actors: int | None = None  # None: one per GPU, else one
     actor_cpus: float | None = None  # None: 1 with GPUs; half the cluster's CPUs without
     max_pixels: int = 178_956_970
@@ -54,7 +55,7 @@ class EmbedConfig:
     def __post_init__(self):
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"Expected --max-error-rate in [0, 1], got {self.max_error_rate!r}")
-        for name in ("decode_batch_size", "embed_batch_size", "max_attempts"):
+        for name in ("decode_batch_size", "embed_batch_size", "rows_per_file", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Expected {name} >= 1, got {getattr(self, name)!r}")
         if self.actors is not None and self.actors < 1:
@@ -63,13 +64,15 @@ class EmbedConfig:
             raise ValueError(f"Expected run_id of letters, digits, '.', '_', '-' (it names files under OUT/runs), got {self.run_id!r}")
 
 
-# CPU-only clusters: one single-threaded embed actor per CPU. The actors' reservations leave one
-# whole CPU for Ray Data's 1-CPU tasks (repartition, write); decode tasks reserve slices of
-# DECODE_TASK_CPUS, and Ray Data's backpressure keeps them from running ahead. Reservations are
-# logical: each actor still uses a whole core while it embeds. Measured on the 2-core dev machine
-# (BENCHMARKS.md, pipeline throughput): one 1-thread actor left a core half idle, one 2-thread
-# actor stalled whenever a decode task shared its cores.
-CPU_ACTOR_SHARE = 0.75  # at most; less when the CPUs are few (0.5 each on 2 CPUs)
+# CPU-only clusters: one single-threaded embed actor per CPU, reserving CPU_ACTOR_SHARE each
+# but always leaving at least one DECODE_TASK_CPUS slot for the decode and write tasks (the
+# job runs no 1-CPU task: blocks are sliced on the driver, writes reserve a decode slot).
+# Ray Data's backpressure keeps decode from running ahead. Reservations are logical: each
+# actor still uses a whole core while it embeds. Measured on the 2-core dev machine
+# (BENCHMARKS.md, pipeline throughput): one 1-thread actor left a core half idle, one
+# 2-thread actor stalled whenever a decode task shared its cores, and 0.75 per actor (two
+# decode slots) beat 0.5 (four), whose extra decode processes only competed for the cores.
+CPU_ACTOR_SHARE = 0.75  # at most; less when the CPUs are few
 DECODE_TASK_CPUS = 0.25
 
 
@@ -81,10 +84,10 @@ def plan_actors(resources: dict, *, actors: int | None, actor_cpus: float | None
     if gpus:
         return {"size": actors or gpus, "num_gpus": 1, "num_cpus": actor_cpus or 1, "decode_cpus": 1.0}
     size = actors or max(1, int(cpus))
-    per_actor = actor_cpus or min(CPU_ACTOR_SHARE, max(0.0, cpus - 1) / size)
-    if cpus - size * per_actor < 1:
-        raise ValueError(f"{size} embed actors x {per_actor:g} CPUs leave under 1 of the cluster's {cpus:g} CPUs "
-                         "for Ray Data's decode and write tasks: lower --actors or --actor-cpus")
+    per_actor = actor_cpus or min(CPU_ACTOR_SHARE, max(0.0, cpus - DECODE_TASK_CPUS) / size)
+    if per_actor <= 0 or cpus - size * per_actor < DECODE_TASK_CPUS:
+        raise ValueError(f"{size} embed actors x {per_actor:g} CPUs leave under {DECODE_TASK_CPUS:g} of the cluster's "
+                         f"{cpus:g} CPUs for the decode and write tasks: lower --actors or --actor-cpus")
     return {"size": size, "num_gpus": 0, "num_cpus": per_actor, "decode_cpus": DECODE_TASK_CPUS}
 
 
@@ -144,11 +147,12 @@ def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tu
     with timer.stage("ray"):
         resources = ensure_ray()
     pool = plan_actors(resources, actors=cfg.actors, actor_cpus=cfg.actor_cpus)
-    sink = EmbeddingTableSink(root, run_id=cfg.run_id, dim=enc.dim)
+    sink = EmbeddingTableSink(root, run_id=cfg.run_id, dim=enc.dim, rows_per_file=cfg.rows_per_file)
     with timer.stage("fetch+decode+embed+write"):
-        # One decode batch per block, and at least two blocks per actor so none idles.
+        # One decode batch per block, and at least two blocks per actor so none idles. The
+        # driver slices the table into blocks itself: no repartition task.
         n_blocks = min(MAX_BLOCKS, max(-(-todo.num_rows // cfg.decode_batch_size), min(todo.num_rows, 2 * pool["size"])))
-        ds = ray.data.from_arrow(todo).repartition(n_blocks)
+        ds = ray.data.from_arrow(block_slices(todo, n_blocks))
         ds = ds.map_batches(fetch_decode_batch, batch_format="pyarrow", batch_size=cfg.decode_batch_size,
                             num_cpus=pool["decode_cpus"], fn_kwargs={"data_config": enc.data_config, "max_pixels": cfg.max_pixels})
         ds = ds.map_batches(
@@ -158,8 +162,16 @@ def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tu
             compute=ray.data.ActorPoolStrategy(size=pool["size"]),
             num_gpus=pool["num_gpus"], num_cpus=pool["num_cpus"],
         )
-        ds.write_datasink(sink)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": pool["decode_cpus"]})
     return sink.result.rows.get(tables.EMBEDDINGS, 0), pool
+
+
+def block_slices(table, n_blocks: int) -> list:
+    """`table` as contiguous zero-copy slices of ceil(rows / n_blocks) rows (the last may be
+    shorter): with the decode batch size as the block size, each decode task gets one block
+    (blocks one row short would be bundled two to a task)."""
+    size = max(1, -(-table.num_rows // n_blocks))
+    return [table.slice(start, size) for start in range(0, table.num_rows, size)]
 
 
 def _failures_of_run(root: str, run_id: str) -> tuple[dict[str, int], int]:

@@ -52,16 +52,22 @@ def split_rows(batch, *, run_id: str, dim: int):
     return emb, err
 
 
+
 class EmbeddingTableSink(Datasink):
-    def __init__(self, out: str, *, run_id: str, dim: int):
+    def __init__(self, out: str, *, run_id: str, dim: int, rows_per_file: int = tables.ROWS_PER_FILE):
         self.out = out
         self.run_id = run_id
         self.dim = dim
+        self.rows_per_file = rows_per_file
         self.result = CommitResult()
 
     @property
     def supports_distributed_writes(self) -> bool:
         return True
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
 
     def on_write_start(self, schema=None) -> None:
         tables.ensure_table(tables.table_uri(self.out, tables.EMBEDDINGS), tables.embeddings_schema(self.dim))

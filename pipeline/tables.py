@@ -16,6 +16,13 @@ log = logging.getLogger(__name__)
 
 EMBEDDINGS, ERRORS, IMAGE_IDS, LISTING = "embeddings", "errors", "image_ids", "listing"
 
+# Rows per Parquet file the embed job writes (Ray Data bundles embed outputs up to this
+# before a write task runs): 8192 x 512-d float32 is ~18 MiB. One file per 32-row block
+# cost a write task (Parquet PUT, marker PUT, HEAD) per block: on the 2-core dev machine
+# that was ~20 % of the run's CPU (BENCHMARKS.md, pipeline throughput). A killed run loses
+# at most the rows not yet in a file.
+ROWS_PER_FILE = 8192
+
 
 def embeddings_schema(dim: int):
     import pyarrow as pa

@@ -98,7 +98,7 @@ def test_driver_killed_mid_embed_resumes_exactly_once(object_store, ray_local):
     storage.put_many(source, _objects(seed=13, n_base=60))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "jobs.cli", "embed", source, "--out", out, "--model", "resnet10t",
-           "--decode-batch-size", "4", "--batch-size", "4", "--no-index"]
+           "--decode-batch-size", "4", "--batch-size", "4", "--rows-per-file", "4", "--no-index"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     fs = storage.filesystem(out)
     pending = storage.strip_scheme(f"{out}/_pending/embeddings")

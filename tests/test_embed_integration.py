@@ -32,7 +32,7 @@ def embedded(object_store, ray_local):
     }
     objects = {im.key: im.data for im in images} | corrupt_objects(3) | odd
     storage.put_many(source, objects)
-    result = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=3))
+    result = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=3, rows_per_file=16))
     return {"source": source, "out": out, "images": images, "objects": objects, "result": result}
 
 

@@ -28,7 +28,7 @@ def test_worker_node_removed_mid_run(object_store, bucket):
         ray.init(**RAY_INIT)
         source, _ = fill(bucket, 40, seed=25)
         out = f"{bucket}/out"
-        cfg = EmbedConfig(source=source, out=out, spec=SPEC, decode_batch_size=4, embed_batch_size=4, build_index=False)
+        cfg = EmbedConfig(source=source, out=out, spec=SPEC, decode_batch_size=4, embed_batch_size=4, rows_per_file=4, build_index=False)
         t, box = run_in_thread(cfg)
         wait_for(lambda: pending_markers(out) >= 1 or not t.is_alive(), 240, "the first written files")
         assert t.is_alive(), f"the run ended before the fault: {box}"

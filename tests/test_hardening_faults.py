@@ -164,7 +164,7 @@ def test_slowdown_and_stalls_are_absorbed_exactly_once(proxy, object_store):
     absorb them; the run completes with every object embedded."""
     bucket = object_store.create_bucket("fault-slowdown")
     source, _ = fill(bucket, 10, seed=21)
-    cfg = EmbedConfig(source=source, out=f"{bucket}/out", spec=SPEC, decode_batch_size=4, embed_batch_size=4, build_index=False)
+    cfg = EmbedConfig(source=source, out=f"{bucket}/out", spec=SPEC, decode_batch_size=4, embed_batch_size=4, rows_per_file=4, build_index=False)
     proxy.set_plan(FaultPlan(slowdown=0.10, stall=0.05, stall_s=0.5, max_faults=100, seed=1))
     before = proxy.faults()
     try:
@@ -182,7 +182,7 @@ def test_connection_resets_stop_clearly_or_complete_then_resume_exactly_once(pro
     is not retried by deltalake, so the run may stop: then the rerun resumes, exactly once."""
     bucket = object_store.create_bucket("fault-reset")
     source, _ = fill(bucket, 20, seed=22)
-    cfg = EmbedConfig(source=source, out=f"{bucket}/out", spec=SPEC, decode_batch_size=4, embed_batch_size=4, build_index=False)
+    cfg = EmbedConfig(source=source, out=f"{bucket}/out", spec=SPEC, decode_batch_size=4, embed_batch_size=4, rows_per_file=4, build_index=False)
     proxy.set_plan(FaultPlan(reset=0.10, slowdown=0.05, max_faults=60, seed=2))
     resets = proxy.counts["reset"]
     try:
@@ -236,7 +236,7 @@ def test_embed_actor_killed_mid_run(proxy, object_store):
     bucket = object_store.create_bucket("fault-actor")
     source, _ = fill(bucket, 40, seed=23)
     out = f"{bucket}/out"
-    cfg = EmbedConfig(source=source, out=out, spec=SPEC, decode_batch_size=4, embed_batch_size=4, build_index=False)
+    cfg = EmbedConfig(source=source, out=out, spec=SPEC, decode_batch_size=4, embed_batch_size=4, rows_per_file=4, build_index=False)
     t, box = run_in_thread(cfg)
     wait_for(lambda: _embed_actor_pids() and pending_markers(out) >= 1 or not t.is_alive(), 240, "an embed actor at work")
     assert t.is_alive(), f"the run ended before the fault: {box}"
@@ -254,7 +254,7 @@ def test_object_store_restarted_mid_run(proxy, object_store):
     bucket = object_store.create_bucket("fault-restart")
     source, _ = fill(bucket, 40, seed=24)
     out = f"{bucket}/out"
-    cfg = EmbedConfig(source=source, out=out, spec=SPEC, decode_batch_size=4, embed_batch_size=4, build_index=False)
+    cfg = EmbedConfig(source=source, out=out, spec=SPEC, decode_batch_size=4, embed_batch_size=4, rows_per_file=4, build_index=False)
     t, box = run_in_thread(cfg)
     wait_for(lambda: pending_markers(out) >= 1 or not t.is_alive(), 240, "the first written files")
     assert t.is_alive(), f"the run ended before the fault: {box}"

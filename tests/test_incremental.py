@@ -50,7 +50,7 @@ def day0(object_store, ray_local):
     source, out = f"{bucket}/images/", f"{bucket}/emb"
     objects = _objects(seed=11, n_base=N // 2)
     storage.put_many(source, objects)
-    first = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2))
+    first = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
     return {"bucket": bucket, "source": source, "out": out, "objects": objects, "first": first}
 
 
@@ -70,12 +70,12 @@ def test_a_day_of_changes_equals_a_fresh_full_run(day0):
     storage.put_many(source, added | {changed_key: day0["objects"][keys[30]]})
     storage.filesystem(source).rm_file(storage.strip_scheme(source + deleted_key))
 
-    inc = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2))
+    inc = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
     c = inc["counts"]
     assert (c["new"], c["changed"], c["deleted"], c["processed"]) == (5, 1, 1, 6), c
 
     fresh_out = f"{bucket}/fresh"
-    run_embed(EmbedConfig(source=source, out=fresh_out, spec=SPEC, index_shards=2))
+    run_embed(EmbedConfig(source=source, out=fresh_out, spec=SPEC, index_shards=2, rows_per_file=16))
     a, b = _rows(out), _rows(fresh_out)
     assert sorted(a) == sorted(b) and source + deleted_key not in a
     for uri in a:
@@ -128,7 +128,7 @@ def test_model_change_starts_a_new_version_and_keeps_the_old_queryable(day0):
     old_version = tables.version_of(tables.table_uri(out, tables.EMBEDDINGS))
     old_model = ShardedIndex.open(f"{out}/index").manifest["model_version"]
     spec = SPEC | {"proj_dim": 128}  # same backbone, another head: another model_version
-    result = run_embed(EmbedConfig(source=source, out=out, spec=spec, index_shards=2))
+    result = run_embed(EmbedConfig(source=source, out=out, spec=spec, index_shards=2, rows_per_file=16))
     assert result["promoted_model_version"] == result["model_version"] != old_model
     new = ShardedIndex.open(f"{out}/index")
     assert new.manifest["model_version"] == result["model_version"] and new.manifest["dim"] == 128

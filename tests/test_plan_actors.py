@@ -25,7 +25,7 @@ def test_cpu_only_one_single_threaded_actor_per_cpu_and_room_for_decode():
 
 def test_cpu_only_overcommit_is_refused_with_the_flags_named():
     with pytest.raises(ValueError, match="--actors or --actor-cpus"):
-        plan_actors({"CPU": 2}, actors=2, actor_cpus=0.75)
+        plan_actors({"CPU": 2}, actors=2, actor_cpus=0.9)
     assert plan_actors({"CPU": 2}, actors=1, actor_cpus=1.0)["size"] == 1
 
 

@@ -1,14 +1,14 @@
 """`sparse-embed bench pipeline`: is the pipeline as fast as its encoder allows, in one run
 on the same objects in the local object store?
 
-(a) encoder only: in-memory uint8 tensors, all cores;
+(a) encoder only: the embed actor on in-memory uint8 pixels (all cores; on a GPU, bf16);
 (b) fetch + decode only: the pipeline's decode function in one process per core;
 (c) the hand-written loop people use: torch DataLoader workers fetch and decode with
     timm's transform, the main process embeds (the clip-retrieval pattern);
 (d) our pipeline end to end into the Delta table (local Ray, no index).
 ideal = 1 / (1/a + 1/b): decode and encode sharing the same cores.
 Memory: peak RSS of the whole process tree of `sparse-embed embed` at 1x and 10x images.
-Listing: one recursive listing against one Ray task per prefix.
+Listing: one recursive listing against one Ray task per prefix, each into a listing table.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import io
 import os
 import subprocess
 import sys
-import threading
 import time
 
 from .options import positive_int
@@ -57,21 +56,19 @@ def _make_objects(n_small: int, n_large: int, seed: int = 0) -> dict[str, bytes]
 
 
 def encoder_only(spec: dict, n: int, batch: int = 32) -> float:
-    import torch
+    """The embed actor's own path (device, bf16 on GPU, normalisation) on in-memory uint8 pixels."""
+    import numpy as np
 
-    from encoders import EncoderSpec, create_encoder
+    from pipeline.embed_actor import EmbedActor
 
-    enc = create_encoder(EncoderSpec.from_dict(spec))
-    _, h, w = enc.data_config["input_size"]
-    x = torch.randint(0, 256, (batch, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    mean = torch.tensor(enc.data_config["mean"]).view(1, 3, 1, 1) * 255
-    std = torch.tensor(enc.data_config["std"]).view(1, 3, 1, 1) * 255
-    with torch.inference_mode():
-        enc.model((x[:4].float() - mean) / std)  # warm-up
-        t0, done = time.perf_counter(), 0
-        while done < n:
-            enc.model((x.float() - mean) / std)
-            done += batch
+    actor = EmbedActor(spec=spec)
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, 3, actor.height, actor.width), dtype=np.uint8)
+    rows = [p.tobytes() for p in pixels]
+    actor.embed_pixels(rows[:4])  # warm-up
+    t0, done = time.perf_counter(), 0
+    while done < n:
+        actor.embed_pixels(rows)
+        done += batch
     return done / (time.perf_counter() - t0)
 
 
@@ -120,17 +117,25 @@ class _S3ImageDataset:
 
 
 def dataloader_loop(uris: list[str], spec: dict, workers: int, batch: int = 32) -> float:
+    """On a GPU: pinned batches, non-blocking copies, bf16 autocast, channels_last, as the actor does."""
+    import contextlib
+
     import torch
 
     from encoders import EncoderSpec, create_encoder
 
     enc = create_encoder(EncoderSpec.from_dict(spec))
+    cuda = torch.cuda.is_available()
+    model = enc.model.to("cuda", memory_format=torch.channels_last) if cuda else enc.model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     loader = torch.utils.data.DataLoader(_S3ImageDataset(uris, enc.data_config), batch_size=batch, num_workers=workers,
-                                         multiprocessing_context="spawn", persistent_workers=False)
+                                         multiprocessing_context="spawn", persistent_workers=False, pin_memory=cuda)
     t0, n = time.perf_counter(), 0
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast:
         for x in loader:
-            enc.model(x)
+            if cuda:
+                x = x.to("cuda", non_blocking=True).contiguous(memory_format=torch.channels_last)
+            model(x).float().cpu()
             n += len(x)
     return n / (time.perf_counter() - t0)
 
@@ -210,6 +215,7 @@ def run(args) -> int:
                      ("(d) pipeline end to end, images/s", f"{d:.1f}"),
                      ("(d) listing, s", f"{t['list']:.1f}"),
                      ("(d) fetch+decode+embed+write stage, s", f"{t['fetch+decode+embed+write']:.1f}"),
+                     ("(d) embed actors busy, share of the stage", f"{result['embed_busy']['fraction']:.2f}"),
                      ("d / ideal", f"{d / ideal:.2f}"), ("d / c", f"{d / c:.2f}")]
         if "memory" not in skip:
             objs = _make_objects(args.memory_images, 0, seed=1)
@@ -226,13 +232,13 @@ def run(args) -> int:
             n = args.list_objects
             storage.put_many(f"{bucket}/many/", {f"p{i % 100:03d}/obj_{i:07d}.jpg": b"x" for i in range(n)})
             t0 = time.perf_counter()
-            single = list_objects(f"{bucket}/many/").num_rows
+            single = list_objects(f"{bucket}/many/", into=f"{bucket}/listing-single").num_rows
             t_single = time.perf_counter() - t0
             ray.init(num_cpus=procs, include_dashboard=False, runtime_env={"env_vars": store.aws_env()})
             timed = []
             for _ in range(2):  # cold: Ray starts the listing workers; warm: a job's later stages reuse them
                 t0 = time.perf_counter()
-                parallel = list_objects(f"{bucket}/many/", parallel=True).num_rows
+                parallel = list_objects(f"{bucket}/many/", parallel=True, into=f"{bucket}/listing-parallel").num_rows
                 timed.append(time.perf_counter() - t0)
                 assert single == parallel == n
             ray.shutdown()

@@ -2,10 +2,17 @@
 
 Rows that already failed upstream pass through untouched; if the model raises on a
 batch, every row of that batch becomes an `embed` error row (the block still completes).
+
+Each output row also carries `embed_actor` and `embed_seconds` (its share of the batch's
+forward pass, host-to-device copy and result copy included; the copy back to the host
+waits for the GPU): the sink sums them into the run report's busy fraction.
 """
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import time
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +33,7 @@ class EmbedActor:
                 "the checkpoint changed during the run"
             )
         self.encoder = enc
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.model = enc.model.to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -61,6 +69,7 @@ class EmbedActor:
         vectors = np.zeros((n, dim), dtype=np.float32)
         etypes = batch.column("error_type").to_pylist()
         messages = batch.column("error_message").to_pylist()
+        started = time.perf_counter()
         if ok:
             pixels = batch.column("pixels").to_pylist()
             try:
@@ -70,6 +79,7 @@ class EmbedActor:
                 for i in ok:
                     stage[i], etypes[i], messages[i] = "embed", type(e).__name__, (str(e) or repr(e))[:1000]
                 ok = []
+        seconds = (time.perf_counter() - started) if n else 0.0
         valid = np.zeros(n, dtype=bool)
         valid[ok] = True
         flat = pa.array(vectors.reshape(-1), pa.float32())
@@ -81,4 +91,6 @@ class EmbedActor:
                 .append_column("model_version", pa.array([self.encoder.model_version] * n, pa.string()))
                 .append_column("error_stage", pa.array(stage, pa.string()))
                 .append_column("error_type", pa.array(etypes, pa.string()))
-                .append_column("error_message", pa.array(messages, pa.string())))
+                .append_column("error_message", pa.array(messages, pa.string()))
+                .append_column("embed_actor", pa.array([self.name] * n, pa.string()))
+                .append_column("embed_seconds", pa.array(np.full(n, seconds / max(n, 1)), pa.float64())))

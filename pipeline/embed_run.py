@@ -134,8 +134,8 @@ def promote(out: str, root: str, enc) -> dict:
     return versions
 
 
-def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tuple[int, dict]:
-    """Run Ray Data over `todo`; returns (rows embedded, actor pool)."""
+def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tuple[int, dict, dict]:
+    """Run Ray Data over `todo`; returns (rows embedded, actor pool, forward-pass seconds by actor)."""
     import ray
 
     from infra.ray_launcher import ensure_ray
@@ -163,7 +163,19 @@ def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tu
             num_gpus=pool["num_gpus"], num_cpus=pool["num_cpus"],
         )
         ds.write_datasink(sink, ray_remote_args={"num_cpus": pool["decode_cpus"]})
-    return sink.result.rows.get(tables.EMBEDDINGS, 0), pool
+    return sink.result.rows.get(tables.EMBEDDINGS, 0), pool, sink.result.embed_seconds
+
+
+def busy_report(embed_seconds: dict, pool: dict, stage_s: float) -> dict:
+    """How busy the encoder kept the actors: forward-pass seconds (copies to and from the
+    device included) over the stage's wall time, per actor and averaged over the pool
+    (an actor that never got a batch counts as idle). With one actor per GPU, `fraction`
+    is the share of the stage the GPUs spent embedding."""
+    size = pool.get("size") or 0
+    if not size or stage_s <= 0:
+        return {"fraction": 0.0, "by_actor": {}}
+    return {"fraction": round(sum(embed_seconds.values()) / (size * stage_s), 4),
+            "by_actor": {a: round(s / stage_s, 4) for a, s in sorted(embed_seconds.items())}}
 
 
 def block_slices(table, n_blocks: int) -> list:
@@ -206,8 +218,8 @@ def run_embed(cfg: EmbedConfig) -> dict:
         with timer.stage("ray"):
             ensure_ray()
     with timer.stage("list"):
-        listed = listing.list_objects(cfg.source, extensions=cfg.extensions, glob=cfg.glob, parallel=cfg.parallel_listing)
-        tables.overwrite(tables.table_uri(cfg.out, tables.LISTING), listed, listing.listing_schema())
+        listed = listing.list_objects(cfg.source, extensions=cfg.extensions, glob=cfg.glob, parallel=cfg.parallel_listing,
+                                      into=tables.table_uri(cfg.out, tables.LISTING))
     with timer.stage("diff"):
         emb = tables.read_columns(tables.table_uri(root, tables.EMBEDDINGS), ["uri", "etag", "model_version"])
         if emb is not None and emb.num_rows and set(emb.column("model_version").to_pylist()) != {enc.model_version}:
@@ -218,7 +230,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
         tables.delete_matching(tables.table_uri(root, tables.ERRORS), d.clear_errors, on=("uri", "etag"))
         todo = ids.attach_image_ids(d.todo, cfg.out, run_id=cfg.run_id)
     log.info("run %s: %s (recovered %d rows of an interrupted run)", cfg.run_id, d.counts, recovered)
-    embedded, pool = _embed_todo(cfg, todo, root, enc, timer) if todo.num_rows else (0, {})
+    embedded, pool, embed_seconds = _embed_todo(cfg, todo, root, enc, timer) if todo.num_rows else (0, {}, {})
     failed_by_reason, failed_first = _failures_of_run(root, cfg.run_id)
     failed = sum(failed_by_reason.values())
     # The error rate counts objects tried for the first time at their etag: a known-bad
@@ -252,6 +264,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
                               "recovered_rows": recovered},
         "error_rate": (failed_first / first_tries) if first_tries else 0.0,
         "actor_pool": pool,
+        "embed_busy": busy_report(embed_seconds, pool, timer.seconds("fetch+decode+embed+write")),
         "timings_s": timer.as_dict(),
         "wall_s": time.time() - started,
         "throughput_images_per_s": (processed / timer.seconds("fetch+decode+embed+write")) if processed else 0.0,

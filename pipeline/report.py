@@ -55,7 +55,9 @@ def summary(result: dict) -> str:
     ]
     lines += [f"  failed {reason}: {n}" for reason, n in sorted(c["failed_by_reason"].items())]
     lines.append("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in result["timings_s"].items()))
-    lines.append(f"throughput {result['throughput_images_per_s']:.1f} images/s; wall {result['wall_s']:.1f} s")
+    busy = result.get("embed_busy") or {}
+    lines.append(f"throughput {result['throughput_images_per_s']:.1f} images/s; wall {result['wall_s']:.1f} s"
+                 + (f"; embed actors busy {busy['fraction']:.0%} of the stage" if busy.get("by_actor") else ""))
     lines.append(f"tables {result['table_versions']['before']} -> {result['table_versions']['after']}; index {result['index_id']}")
     return "\n".join(lines) + "\n"
 

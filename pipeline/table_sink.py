@@ -6,11 +6,13 @@ finished file also gets a marker under <root>/_pending/<table>/; markers are del
 their file is committed. If the driver dies mid-run, the next run commits the files its
 markers name (`recover_pending`) before diffing, so finished work is kept, and nothing
 is committed twice: a marker whose file is already in the table is only deleted.
+
+The sink also sums the embed actors' forward-pass seconds that ride on each row
+(`embed_seconds`, `embed_actor`, from pipeline/embed_actor.py): how busy the encoder was.
 """
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from functools import partial
 from dataclasses import dataclass, field
@@ -30,9 +32,16 @@ class WrittenFile:
 
 
 @dataclass
+class TaskWrites:
+    files: list  # WrittenFile per file the write task put
+    embed_seconds: dict  # embed actor -> seconds of forward passes behind the task's rows
+
+
+@dataclass
 class CommitResult:
     versions: dict = field(default_factory=dict)  # table -> version after commit (None: nothing committed)
     rows: dict = field(default_factory=dict)  # table -> rows committed
+    embed_seconds: dict = field(default_factory=dict)  # embed actor -> seconds of forward passes
 
 
 def split_rows(batch, *, run_id: str, dim: int):
@@ -73,12 +82,17 @@ class EmbeddingTableSink(Datasink):
         tables.ensure_table(tables.table_uri(self.out, tables.EMBEDDINGS), tables.embeddings_schema(self.dim))
         tables.ensure_table(tables.table_uri(self.out, tables.ERRORS), tables.errors_schema())
 
-    def write(self, blocks, ctx) -> list[WrittenFile]:
+    def write(self, blocks, ctx) -> TaskWrites:
         import pyarrow as pa
 
         emb_parts, err_parts = [], []
+        busy: dict[str, float] = {}
         for block in blocks:
             batch = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+            if "embed_seconds" in batch.column_names:
+                sums = batch.group_by("embed_actor").aggregate([("embed_seconds", "sum")])
+                for actor, seconds in zip(sums.column("embed_actor").to_pylist(), sums.column("embed_seconds_sum").to_pylist()):
+                    busy[actor] = busy.get(actor, 0.0) + seconds
             emb, err = split_rows(batch, run_id=self.run_id, dim=self.dim)
             emb_parts.append(emb)
             err_parts.append(err)
@@ -91,27 +105,21 @@ class EmbeddingTableSink(Datasink):
             rel = f"part-{self.run_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:12]}.parquet"
             done = with_retries(partial(self._write_file, name, rel, table), what=f"write {name}/{rel}")
             written.append(done)
-        return written
+        return TaskWrites(written, busy)
 
     def _write_file(self, name: str, rel: str, table) -> WrittenFile:
         """Write one Parquet file and its marker; safe to repeat (same names, overwritten)."""
-        import pyarrow.parquet as pq
-
-        fs, root = storage.arrow_filesystem(tables.table_uri(self.out, name))
-        path = f"{root}/{rel}"
-        tmp = path if storage.is_s3(self.out) else f"{root}/.{rel}.tmp"  # an S3 PUT is atomic; a local write is not
-        with fs.open_output_stream(tmp) as f:
-            pq.write_table(table, f, compression="zstd")
-        if tmp != path:
-            fs.move(tmp, path)
-        done = WrittenFile(name, rel, fs.get_file_info(path).size, table.num_rows)
+        done = WrittenFile(name, rel, tables.write_parquet_file(tables.table_uri(self.out, name), rel, table), table.num_rows)
         storage.write_bytes_atomic(marker_uri(self.out, done), json.dumps(done.__dict__).encode())
         return done
 
     def on_write_complete(self, write_result) -> None:
-        files = [f for task in write_result.write_returns for f in task]
+        files = [f for task in write_result.write_returns for f in task.files]
         for name in (tables.EMBEDDINGS, tables.ERRORS):
             self.result.rows[name] = sum(f.rows for f in files if f.table == name)
+        for task in write_result.write_returns:
+            for actor, seconds in task.embed_seconds.items():
+                self.result.embed_seconds[actor] = self.result.embed_seconds.get(actor, 0.0) + seconds
         # Repeating is safe: commit_files skips files a lost-response commit already added.
         self.result.versions, _ = with_retries(partial(commit_files, self.out, files, dim=self.dim), what="commit")
 
@@ -123,19 +131,13 @@ def marker_uri(root: str, f: WrittenFile) -> str:
 def commit_files(root: str, files: list[WrittenFile], *, dim: int) -> tuple[dict, int]:
     """One append commit per table for `files` not yet in it, then delete their markers.
     Returns (table -> version after, rows newly committed)."""
-    from deltalake.transaction import AddAction
-
     versions, committed = {}, 0
-    now_ms = int(time.time() * 1000)
     for name, schema in ((tables.EMBEDDINGS, tables.embeddings_schema(dim)), (tables.ERRORS, tables.errors_schema())):
         uri = tables.table_uri(root, name)
-        dt = tables.ensure_table(uri, schema)
-        active = {p.rsplit("/", 1)[-1] for p in dt.file_uris()}
+        active = {p.rsplit("/", 1)[-1] for p in tables.ensure_table(uri, schema).file_uris()}
         mine = [f for f in files if f.table == name and f.path not in active]
         if mine:
-            actions = [AddAction(path=f.path, size=f.size, partition_values={}, modification_time=now_ms,
-                                 data_change=True, stats=json.dumps({"numRecords": f.rows})) for f in mine]
-            dt.create_write_transaction(actions, mode="append", schema=schema)
+            tables.commit_files(uri, [(f.path, f.size, f.rows) for f in mine], schema)
             committed += sum(f.rows for f in mine)
         versions[name] = tables.version_of(uri)
     fs = storage.filesystem(root)

@@ -132,3 +132,35 @@ def overwrite(uri: str, data, schema) -> int:
     ensure_table(uri, schema)
     write_deltalake(uri, data, mode="overwrite", schema_mode="overwrite", storage_options=storage.delta_storage_options(uri))
     return open_table(uri).version()
+
+
+def write_parquet_file(uri: str, rel: str, table) -> int:
+    """Write `table` as the Parquet file `rel` inside the table directory `uri`, not yet
+    committed; returns its size in bytes. Safe to repeat (same name, overwritten)."""
+    import pyarrow.parquet as pq
+
+    fs, root = storage.arrow_filesystem(uri)
+    path = f"{root}/{rel}"
+    tmp = path if storage.is_s3(uri) else f"{root}/.{rel}.tmp"  # an S3 PUT is atomic; a local write is not
+    with fs.open_output_stream(tmp) as f:
+        pq.write_table(table, f, compression="zstd")
+    if tmp != path:
+        fs.move(tmp, path)
+    return fs.get_file_info(path).size
+
+
+def commit_files(uri: str, files: list[tuple[str, int, int]], schema, *, mode: str = "append") -> int:
+    """One commit adding Parquet files already in the table directory, as (path relative
+    to the table, bytes, rows); mode="overwrite" also removes every file the table had.
+    Returns the new version."""
+    import json
+    import time
+
+    from deltalake.transaction import AddAction
+
+    dt = ensure_table(uri, schema)
+    now_ms = int(time.time() * 1000)
+    actions = [AddAction(path=path, size=size, partition_values={}, modification_time=now_ms, data_change=True,
+                         stats=json.dumps({"numRecords": rows})) for path, size, rows in files]
+    dt.create_write_transaction(actions, mode=mode, schema=schema)
+    return open_table(uri).version()

@@ -12,6 +12,7 @@ from jobs.demo import corrupt_objects, near_duplicate_recall
 from pipeline import storage, tables
 from pipeline.embed_run import EmbedConfig, run_embed
 from pipeline.index_build import vectors_of
+from pipeline.report import summary
 from pipeline.search import ShardedIndex, embed_queries
 
 pytestmark = pytest.mark.integration
@@ -84,6 +85,12 @@ def test_run_report_counts_and_no_secrets(embedded, object_store):
         sum(report["counts"]["failed_by_reason"].values()) == 3
     assert object_store.secret_key not in doc
     assert report["index_id"]
+    # every actor of the pool embedded, and forward passes fill part (not more) of the stage
+    busy = report["embed_busy"]
+    assert len(busy["by_actor"]) == report["actor_pool"]["size"]
+    assert all(0.0 < f < 1.0 for f in busy["by_actor"].values())
+    assert busy["fraction"] == pytest.approx(sum(busy["by_actor"].values()) / report["actor_pool"]["size"], abs=1e-3)
+    assert "embed actors busy" in summary(report)
 
 
 def test_search_finds_each_variants_base(embedded):

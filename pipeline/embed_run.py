@@ -72,7 +72,7 @@ class EmbedConfig:
 # (BENCHMARKS.md, pipeline throughput): one 1-thread actor left a core half idle, one
 # 2-thread actor stalled whenever a decode task shared its cores, and 0.75 per actor (two
 # decode slots) beat 0.5 (four), whose extra decode processes only competed for the cores.
-CPU_ACTOR_SHARE = 0.75  # at most; less when the CPUs are few
+CPU_ACTOR_SHARE = 0.75  # at most; less when --actors asks for more actors than CPUs
 DECODE_TASK_CPUS = 0.25
 
 
@@ -220,6 +220,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
     with timer.stage("list"):
         listed = listing.list_objects(cfg.source, extensions=cfg.extensions, glob=cfg.glob, parallel=cfg.parallel_listing,
                                       into=tables.table_uri(cfg.out, tables.LISTING))
+        tables.vacuum(tables.table_uri(cfg.out, tables.LISTING), retention_hours=listing.LISTING_RETENTION_HOURS)
     with timer.stage("diff"):
         emb = tables.read_columns(tables.table_uri(root, tables.EMBEDDINGS), ["uri", "etag", "model_version"])
         if emb is not None and emb.num_rows and set(emb.column("model_version").to_pylist()) != {enc.model_version}:

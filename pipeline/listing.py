@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LISTING_ROWS_PER_FILE = 1_000_000  # ~100 bytes a row in memory: a part is ~100 MiB before it is written
 PREFIXES_AT_ONCE = 16  # concurrent listings in one task (coroutines on s3fs's loop)
+# Replaced listings (and parts of a listing that crashed before its commit) are deleted after
+# this long: each run's listing is a full copy, which a nightly would otherwise keep forever.
+LISTING_RETENTION_HOURS = 24
 
 
 def listing_schema():
@@ -209,6 +212,8 @@ def list_objects(source: str, *, extensions: tuple[str, ...] = DEFAULT_EXTENSION
         dirs = sorted(e["name"] for e in top if e.get("type") == "directory")
         n_tasks = max(1, min(len(dirs), int(ray.cluster_resources().get("CPU", 1))))
         task = ray.remote(num_cpus=0.25)(list_prefixes)  # IO-bound: several per core
+        if into:
+            tables.ensure_table(into, listing_schema())
         here = _PartWriter(into, source, extensions, glob)
         here.add(files)
         here.flush()

@@ -142,6 +142,8 @@ def write_parquet_file(uri: str, rel: str, table) -> int:
     fs, root = storage.arrow_filesystem(uri)
     path = f"{root}/{rel}"
     tmp = path if storage.is_s3(uri) else f"{root}/.{rel}.tmp"  # an S3 PUT is atomic; a local write is not
+    if tmp != path:
+        fs.create_dir(root, recursive=True)
     with fs.open_output_stream(tmp) as f:
         pq.write_table(table, f, compression="zstd")
     if tmp != path:
@@ -164,3 +166,13 @@ def commit_files(uri: str, files: list[tuple[str, int, int]], schema, *, mode: s
                          stats=json.dumps({"numRecords": rows})) for path, size, rows in files]
     dt.create_write_transaction(actions, mode=mode, schema=schema)
     return open_table(uri).version()
+
+
+def vacuum(uri: str, *, retention_hours: int) -> int:
+    """Delete the files of the table at `uri` that no version younger than retention_hours
+    needs: files replaced or deleted since, and files a crashed writer never committed.
+    Returns how many were deleted."""
+    dt = open_table(uri)
+    if dt is None:
+        return 0
+    return len(dt.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False, full=True))

@@ -71,3 +71,23 @@ def test_a_listing_task_writes_sorted_parts_of_bounded_size(bucket):
     for rel, size, rows in parts:
         part = pq.read_table(f"{base}/{rel}", filesystem=fs).column("uri").to_pylist()
         assert part == sorted(part) and len(part) == rows and fs.get_file_info(f"{base}/{rel}").size == size
+
+
+def test_vacuum_keeps_only_the_files_the_current_listing_needs(tmp_path):
+    import os
+
+    import pyarrow as pa
+
+    def rows(n):
+        return pa.table({"uri": [f"s3://b/{i}.jpg" for i in range(n)], "etag": ["e"] * n, "size": [1] * n,
+                         "mtime": pa.array([0] * n, pa.timestamp("us", tz="UTC"))}, schema=listing_schema())
+
+    uri = str(tmp_path / "listing")
+    tables.overwrite(uri, rows(5), listing_schema())
+    tables.overwrite(uri, rows(3), listing_schema())
+    tables.write_parquet_file(uri, "part-of-a-crashed-listing.parquet", rows(4))
+    assert tables.vacuum(uri, retention_hours=24) == 0, "younger than the retention: kept"
+    assert tables.vacuum(uri, retention_hours=0) == 2
+    on_disk = {f for f in os.listdir(uri) if f.endswith(".parquet")}
+    assert on_disk == {p.rsplit("/", 1)[-1] for p in tables.open_table(uri).file_uris()}
+    assert tables.read_columns(uri, ["uri"]).num_rows == 3

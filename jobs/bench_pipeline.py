@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward in (a), (c) and (d) (default 32)")
     p.add_argument("--decode-batch-size", type=positive_int, default=32,
                    help="objects per decode task in (d) (default 32, the embed job's default)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder in (a) and (d), as `embed --compile`")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: throughput,memory,listing")
 
 
@@ -55,13 +56,13 @@ def _make_objects(n_small: int, n_large: int, seed: int = 0) -> dict[str, bytes]
     return objs
 
 
-def encoder_only(spec: dict, n: int, batch: int = 32) -> float:
+def encoder_only(spec: dict, n: int, batch: int = 32, compile: bool = False) -> float:
     """The embed actor's own path (device, bf16 on GPU, normalisation) on in-memory uint8 pixels."""
     import numpy as np
 
     from pipeline.embed_actor import EmbedActor
 
-    actor = EmbedActor(spec=spec)
+    actor = EmbedActor(spec=spec, compile_batch=batch if compile else None)
     pixels = np.random.default_rng(0).integers(0, 256, (batch, 3, actor.height, actor.width), dtype=np.uint8)
     rows = [p.tobytes() for p in pixels]
     actor.embed_pixels(rows[:4])  # warm-up
@@ -200,12 +201,13 @@ def run(args) -> int:
             source = f"{bucket}/images/"
             uris = storage.put_many(source, _make_objects(args.small, args.large))
             data_config = create_encoder(EncoderSpec.from_dict(spec)).data_config
-            a = encoder_only(spec, len(uris), batch=args.batch_size)
+            a = encoder_only(spec, len(uris), batch=args.batch_size, compile=args.compile)
             b = decode_only(uris, data_config, procs)
             c = dataloader_loop(uris, spec, procs, batch=args.batch_size)
             ray.init(num_cpus=procs, include_dashboard=False, runtime_env={"env_vars": store.aws_env()})
             result = run_embed(EmbedConfig(source=source, out=f"{bucket}/out", spec=spec, build_index=False,
-                                           embed_batch_size=args.batch_size, decode_batch_size=args.decode_batch_size))
+                                           embed_batch_size=args.batch_size, decode_batch_size=args.decode_batch_size,
+                                           compile=args.compile))
             ray.shutdown()
             t = result["timings_s"]
             d = result["counts"]["processed"] / (t["list"] + t["fetch+decode+embed+write"])

@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--glob", default=None, help="only keys whose name (or full key) matches this glob, e.g. '*_large.jpg'")
     g.add_argument("--decode-batch-size", type=positive_int, default=32, help="objects fetched and decoded per CPU task batch (default 32)")
     g.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass on an embed actor (default 32)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder on each embed actor (compiled when the actor starts; fails the run there if it cannot)")
     g.add_argument("--rows-per-file", type=positive_int, default=ROWS_PER_FILE,
                    help=f"rows per Parquet file the run writes (default {ROWS_PER_FILE}); a killed run keeps every finished file")
     g.add_argument("--actors", type=positive_int, default=None, help="embed actors (default: one per GPU; one single-threaded actor per CPU on a CPU-only cluster)")
@@ -39,7 +41,7 @@ def run(args) -> int:
     cfg = EmbedConfig(
         source=args.source, out=args.out, spec=encoder_spec(args),
         extensions=tuple(e.strip() if e.strip().startswith(".") else "." + e.strip() for e in args.extensions.split(",") if e.strip()),
-        glob=args.glob, decode_batch_size=args.decode_batch_size, embed_batch_size=args.batch_size, rows_per_file=args.rows_per_file,
+        glob=args.glob, decode_batch_size=args.decode_batch_size, embed_batch_size=args.batch_size, rows_per_file=args.rows_per_file, compile=args.compile,
         actors=args.actors, actor_cpus=args.actor_cpus, max_pixels=args.max_pixels,
         max_error_rate=args.max_error_rate, max_attempts=args.max_attempts, build_index=args.build_index, index_shards=args.index_shards,
     )

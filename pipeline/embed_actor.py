@@ -18,7 +18,10 @@ log = logging.getLogger(__name__)
 
 
 class EmbedActor:
-    def __init__(self, *, spec: dict, expected_version: str | None = None, cpu_threads: int | None = None):
+    def __init__(self, *, spec: dict, expected_version: str | None = None, cpu_threads: int | None = None,
+                 compile_batch: int | None = None):
+        """compile_batch: torch.compile the model and compile it here, on a batch of this
+        size, so a model that cannot compile fails the actor before any image is read."""
         import torch
 
         from encoders import EncoderSpec, create_encoder
@@ -40,24 +43,41 @@ class EmbedActor:
         _, self.height, self.width = enc.data_config["input_size"]
         self.mean = torch.tensor(enc.data_config["mean"], device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(enc.data_config["std"], device=self.device).view(1, 3, 1, 1) * 255.0
+        self.forward, self.compile_batch = self.model, compile_batch
+        if compile_batch:
+            # One static shape: batches are zero-padded (or split) to compile_batch rows, so a
+            # short last batch never triggers a recompile.
+            self.forward = torch.compile(self.model)
+            try:
+                self.embed_pixels([bytes(3 * self.height * self.width)])
+            except Exception as e:
+                raise RuntimeError(f"--compile: torch.compile failed on {spec.get('model')}: {type(e).__name__}: {e}") from e
 
     def embed_pixels(self, pixels: list[bytes]):
         """uint8 (3, H, W) byte strings -> (n, dim) float32 numpy, L2-normalised."""
         import numpy as np
         import torch
 
-        joined = bytearray(b"".join(pixels))  # one writable copy, shared by the tensor below
-        x = torch.from_numpy(np.frombuffer(joined, dtype=np.uint8)).view(len(pixels), 3, self.height, self.width)
+        n = len(pixels)
+        step = self.compile_batch or max(n, 1)
+        padded = -(-n // step) * step
+        joined = bytearray(b"".join(pixels) + bytes((padded - n) * 3 * self.height * self.width))  # one writable copy
+        x = torch.from_numpy(np.frombuffer(joined, dtype=np.uint8)).view(padded, 3, self.height, self.width)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = x.float().sub_(self.mean).div_(self.std)  # (n, 3, H, W), timm's Normalize on 0..255 input
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        outs = []
         with torch.inference_mode():
-            if self.device.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    out = self.model(x.contiguous(memory_format=torch.channels_last))
-            else:
-                out = self.model(x)
-        return out.float().cpu().numpy()
+            for chunk in x.split(step):
+                if self.device.type == "cuda":
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        outs.append(self.forward(chunk))
+                else:
+                    outs.append(self.forward(chunk))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out[:n].float().cpu().numpy()
 
     def __call__(self, batch):
         import numpy as np

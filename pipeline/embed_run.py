@@ -41,6 +41,7 @@ class EmbedConfig:
     glob: str | None = None
     decode_batch_size: int = 32  # objects fetched concurrently by one decode task
     embed_batch_size: int = 32  # images per forward pass
+    compile: bool = False  # torch.compile the encoder on each actor (compiled at actor start)
     rows_per_file: int = tables.ROWS_PER_FILE  # rows per Parquet file the write tasks put (at most one smaller file per write task)
     actors: int | None = None  # None: one per GPU, else one
     actor_cpus: float | None = None  # None: 1 with GPUs; half the cluster's CPUs without
@@ -158,7 +159,8 @@ def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tu
         ds = ds.map_batches(
             EmbedActor, batch_format="pyarrow", batch_size=cfg.embed_batch_size,
             fn_constructor_kwargs={"spec": cfg.spec, "expected_version": enc.model_version,
-                                   "cpu_threads": None if pool["num_gpus"] else max(1, int(pool["num_cpus"]))},
+                                   "cpu_threads": None if pool["num_gpus"] else max(1, int(pool["num_cpus"])),
+                                   "compile_batch": cfg.embed_batch_size if cfg.compile else None},
             compute=ray.data.ActorPoolStrategy(size=pool["size"]),
             num_gpus=pool["num_gpus"], num_cpus=pool["num_cpus"],
         )

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from pipeline.tables import ROWS_PER_FILE
+
 from .options import POOLS
 
 EXAMPLE = """\
@@ -20,6 +22,8 @@ pool: token                       # token | avg | gem
 extensions: [.jpg, .jpeg, .png, .webp]
 batch_size: 32
 decode_batch_size: 32
+compile: false                    # torch.compile the encoder on each actor (pays on long runs)
+rows_per_file: 8192               # rows per Parquet file the run writes
 max_error_rate: 0.05              # exit 1 above this fraction of failed objects
 max_attempts: 3                   # failures at one ETag before an object is left alone
 lock_ttl_s: 900                   # a lock without heartbeat for this long is stale
@@ -42,6 +46,8 @@ class NightlyConfig:
     batch_size: int = 32
     decode_batch_size: int = 32
     actors: int | None = None
+    compile: bool = False  # torch.compile the encoder on each actor
+    rows_per_file: int = ROWS_PER_FILE  # rows per Parquet file of the tables
     max_error_rate: float = 0.05  # stricter than the CLI's 1.0: a scheduled run should page someone
     max_attempts: int = 3
     lock_ttl_s: float = 900.0  # heartbeats every ttl/3, so a live run never looks stale
@@ -76,14 +82,14 @@ def parse(doc) -> NightlyConfig:
         _check("model_args", doc["model_args"], "a mapping of create-model keywords", isinstance(doc["model_args"], dict))
     if "pool" in doc:
         _check("pool", doc["pool"], f"one of {list(POOLS)}", doc["pool"] in POOLS)
-    for name in ("fuse_last_two", "index"):
+    for name in ("fuse_last_two", "index", "compile"):
         if name in doc:
             _check(name, doc[name], "true or false", isinstance(doc[name], bool))
     if "extensions" in doc:
         v = doc["extensions"]
         _check("extensions", v, "a list of extensions like ['.jpg', '.png']",
                isinstance(v, list) and v and all(isinstance(e, str) and e.startswith(".") for e in v))
-    for name in ("batch_size", "decode_batch_size", "max_attempts"):
+    for name in ("batch_size", "decode_batch_size", "rows_per_file", "max_attempts"):
         if name in doc:
             v = doc[name]
             _check(name, v, "an integer >= 1", isinstance(v, int) and not isinstance(v, bool) and v >= 1)

@@ -44,7 +44,7 @@ class EmbedConfig:
     compile: bool = False  # torch.compile the encoder on each actor (compiled at actor start)
     rows_per_file: int = tables.ROWS_PER_FILE  # rows per Parquet file the write tasks put (at most one smaller file per write task)
     actors: int | None = None  # None: one per GPU, else one
-    actor_cpus: float | None = None  # None: 1 with GPUs; half the cluster's CPUs without
+    actor_cpus: float | None = None  # None: 1 with GPUs; up to CPU_ACTOR_SHARE without (plan_actors)
     max_pixels: int = 178_956_970
     max_error_rate: float = 1.0  # failed / processed above this makes the run fail (exit 1)
     max_attempts: int = 3  # failures at one etag before an object is no longer retried

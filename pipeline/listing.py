@@ -7,7 +7,7 @@ Big buckets list in parallel by prefix, as Ray tasks that stream into the listin
 each task pages through its prefixes (1,000 keys per S3 call) and writes Parquet parts of
 at most LISTING_ROWS_PER_FILE rows into the table's directory; the driver commits all the
 parts in one overwrite. No listing passes through the driver, and a task holds at most
-one part in memory.
+one part plus one page per prefix it is listing.
 """
 from __future__ import annotations
 

@@ -27,6 +27,8 @@ BASE = {"source": "s3://b/images/", "out": "s3://b/emb", "model": "resnet10t"}
     ({"pool": "max"}, "'pool': expected one of ['token', 'avg', 'gem']"),
     ({"extensions": "jpg"}, "'extensions'"),
     ({"index": "yes"}, "'index': expected true or false"),
+    ({"compile": "yes"}, "'compile': expected true or false"),
+    ({"rows_per_file": 0}, "'rows_per_file': expected an integer >= 1"),
     ({"lock_ttl_s": -1}, "'lock_ttl_s'"),
     ({"model": None}, "required field(s) ['model']"),
 ])

@@ -61,7 +61,6 @@ def split_rows(batch, *, run_id: str, dim: int):
     return emb, err
 
 
-
 class EmbeddingTableSink(Datasink):
     def __init__(self, out: str, *, run_id: str, dim: int, rows_per_file: int = tables.ROWS_PER_FILE):
         self.out = out
@@ -134,12 +133,14 @@ def commit_files(root: str, files: list[WrittenFile], *, dim: int) -> tuple[dict
     versions, committed = {}, 0
     for name, schema in ((tables.EMBEDDINGS, tables.embeddings_schema(dim)), (tables.ERRORS, tables.errors_schema())):
         uri = tables.table_uri(root, name)
-        active = {p.rsplit("/", 1)[-1] for p in tables.ensure_table(uri, schema).file_uris()}
+        dt = tables.ensure_table(uri, schema)
+        active = {p.rsplit("/", 1)[-1] for p in dt.file_uris()}
         mine = [f for f in files if f.table == name and f.path not in active]
         if mine:
-            tables.commit_files(uri, [(f.path, f.size, f.rows) for f in mine], schema)
+            versions[name] = tables.commit_files(uri, [(f.path, f.size, f.rows) for f in mine], schema)
             committed += sum(f.rows for f in mine)
-        versions[name] = tables.version_of(uri)
+        else:
+            versions[name] = dt.version()
     fs = storage.filesystem(root)
     for f in files:
         fs.rm_file(storage.strip_scheme(marker_uri(root, f)))

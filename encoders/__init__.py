@@ -4,7 +4,7 @@ Importing this package registers every family in timm, so
 `timm.create_model("biformer_tiny")` works after `import encoders`. It imports torch:
 the CLI imports it only inside the commands that need a model.
 """
-from .interface import Encoder, EncoderSpec, create_encoder
+from ._factory import Encoder, EncoderSpec, create_encoder
 
 __all__ = ["Encoder", "EncoderSpec", "create_encoder"]
 from . import biformer  # noqa: F401  registers biformer_* in timm

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(f"jobs.{module}")
+        mod = importlib.import_module(f"sparse_embed.jobs.{module}")
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every failed SIMD variant
-    from pipeline.report import redact_text
+    from sparse_embed.pipeline.embed.report import redact_text
 
     try:
         return int(args._run(args) or 0)

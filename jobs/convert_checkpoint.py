@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from encoders.checkpoint import convert_to_safetensors
+    from sparse_embed.encoders._checkpoint import convert_to_safetensors
 
     if not args.trust_pickle:
         raise ValueError("Expected --trust-pickle: unpickling SRC can run arbitrary code, so conversion is opt-in")

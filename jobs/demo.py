@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def corrupt_objects(n: int) -> dict[str, bytes]:
     """Objects that must become error rows: truncated JPEG, text under an image name, empty."""
-    from infra.synthetic_images import base_image, encode
+    from sparse_embed.infra.synthetic_images import base_image, encode
     import numpy as np
 
     jpeg = encode(base_image(np.random.default_rng(1), width=64, height=64), "JPEG")
@@ -43,8 +43,8 @@ def corrupt_objects(n: int) -> dict[str, bytes]:
 
 
 def near_duplicate_recall(index, images, source: str, out: str, ks=(1, 10)) -> dict[str, float]:
-    from pipeline import tables
-    from pipeline.index_build import vectors_of
+    from sparse_embed.pipeline.store import tables
+    from sparse_embed.pipeline.index.snapshot import vectors_of
 
     t = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS), ["uri", "embedding"])
     row = {u: i for i, u in enumerate(t.column("uri").to_pylist())}
@@ -62,14 +62,14 @@ def near_duplicate_recall(index, images, source: str, out: str, ks=(1, 10)) -> d
 
 
 def run(args) -> int:
-    from infra.object_store import LocalObjectStore
-    from infra.synthetic_images import generate
-    from pipeline import storage
-    from pipeline.contact_sheet import contact_sheet
-    from pipeline.embed_run import EmbedConfig, run_embed
-    from pipeline.index_build import build_index
-    from pipeline.report import summary
-    from pipeline.search import ShardedIndex, embed_queries
+    from sparse_embed.infra.object_store import LocalObjectStore
+    from sparse_embed.infra.synthetic_images import generate
+    from sparse_embed.pipeline.store import storage
+    from sparse_embed.pipeline.view.contact_sheet import contact_sheet
+    from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
+    from sparse_embed.pipeline.index.build import BuildConfig, build_index
+    from sparse_embed.pipeline.embed.report import summary
+    from sparse_embed.pipeline.index.searcher import ShardedIndex, embed_queries
 
     t0 = time.time()
     store = LocalObjectStore().start()
@@ -88,7 +88,7 @@ def run(args) -> int:
         again = run_embed(EmbedConfig(source=source, out=out, spec=spec, build_index=False))
         print(f"[demo] embed again (incremental): processed {again['counts']['processed']}, "
               f"unchanged {again['counts']['unchanged']}")
-        manifest = build_index(f"{out}/embeddings", f"{out}/index", shards=2)
+        manifest = build_index(BuildConfig(f"{out}/embeddings", f"{out}/index", shards=2))
         print(f"[demo] index build: {manifest['index_id']}, {manifest['ntotal']} vectors in {len(manifest['shards'])} shards, "
               f"recall@10 vs brute force {manifest['recall_at_10']:.4f}")
         index = ShardedIndex.open(f"{out}/index")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.tables import ROWS_PER_FILE
+from sparse_embed.pipeline.store.tables import ROWS_PER_FILE
 
 from .options import add_encoder_arguments, encoder_spec, fraction, positive_float, positive_int
 
@@ -35,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from pipeline.embed_run import EmbedConfig, run_embed
-    from pipeline.report import summary
+    from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
+    from sparse_embed.pipeline.embed.report import summary
 
     cfg = EmbedConfig(
         source=args.source, out=args.out, spec=encoder_spec(args),

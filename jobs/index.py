@@ -7,7 +7,7 @@ from .options import non_negative_float, positive_int, recall_target
 
 
 def memory_size(text: str) -> int:
-    from pipeline.index_plan import parse_bytes
+    from sparse_embed.pipeline.index.plan import parse_bytes
 
     try:
         return parse_bytes(text, option="a size")
@@ -26,7 +26,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from pipeline.index_plan import LAYOUTS
+    from sparse_embed.pipeline.index.plan import LAYOUTS
 
     sub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
     b = sub.add_parser("build", help="plan, train, fill (parallel Ray tasks), tune and publish an index from a table version",
@@ -53,16 +53,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     if args.index_command == "update":
-        from pipeline.index_update import update_index
+        from sparse_embed.pipeline.index.update import UpdateConfig, update_index
 
-        manifest = update_index(args.table, args.out, version=args.version, memory_budget=args.memory_budget,
+        manifest = update_index(UpdateConfig(args.table, args.out, version=args.version, memory_budget=args.memory_budget,
                                 target_recall=args.target_recall, rebuild_growth=args.rebuild_growth,
-                                force_rebuild=args.force_rebuild, shards=args.shards)
+                                force_rebuild=args.force_rebuild, shards=args.shards))
     else:
-        from pipeline.index_build import build_index
+        from sparse_embed.pipeline.index.build import BuildConfig, build_index
 
-        manifest = build_index(args.table, args.out, shards=args.shards, version=args.version, memory_budget=args.memory_budget,
-                               nlist=args.nlist, layout=args.layout, target_recall=args.target_recall)
+        manifest = build_index(BuildConfig(args.table, args.out, shards=args.shards, version=args.version, memory_budget=args.memory_budget,
+                               nlist=args.nlist, layout=args.layout, target_recall=args.target_recall))
     if manifest is None:
         print("table is empty: no index built")
         return 0

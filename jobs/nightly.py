@@ -23,9 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import dataclasses
 
-    from pipeline.embed_run import EmbedConfig, run_embed
-    from pipeline.lock import LockHeld, OutputLock
-    from pipeline.report import summary
+    from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
+    from sparse_embed.pipeline.store.lock import LockHeld, OutputLock
+    from sparse_embed.pipeline.embed.report import summary
 
     from .nightly_config import load
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from pipeline.tables import ROWS_PER_FILE
+from sparse_embed.pipeline.store.tables import ROWS_PER_FILE
 
 from .options import POOLS
 
@@ -109,7 +109,7 @@ def parse(doc) -> NightlyConfig:
 def load(uri: str) -> NightlyConfig:
     import yaml
 
-    from pipeline import storage
+    from sparse_embed.pipeline.store import storage
 
     try:
         text = storage.read_bytes(uri).decode()

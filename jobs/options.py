@@ -74,7 +74,7 @@ def add_encoder_arguments(p: argparse.ArgumentParser, *, default_model: str | No
 
 
 def encoder_spec(args) -> dict:
-    from encoders import EncoderSpec
+    from sparse_embed.encoders import EncoderSpec
 
     return EncoderSpec(model=args.model, checkpoint=args.checkpoint, model_args=dict(args.model_args),
                        pool=args.pool, fuse_last_two=args.fuse_last_two, proj_dim=args.proj_dim).to_dict()

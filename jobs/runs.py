@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from pipeline.embed_run import load_run_reports
+    from sparse_embed.pipeline.embed.run import load_run_reports
 
     reports = load_run_reports(args.out)
     if args.json:

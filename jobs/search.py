@@ -23,8 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from pipeline.contact_sheet import contact_sheet
-    from pipeline.search import ShardedIndex, embed_queries
+    from sparse_embed.pipeline.view.contact_sheet import contact_sheet
+    from sparse_embed.pipeline.index.searcher import ShardedIndex, embed_queries
 
     index = ShardedIndex.open(args.index, index_id=args.index_id)
     if args.image_id:

@@ -12,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from infra.object_store import LocalObjectStore
+    from sparse_embed.infra.object_store import LocalObjectStore
 
     store = LocalObjectStore(data_dir=args.data_dir, s3_port=args.port).start()
     try:

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from infra.object_store import LocalObjectStore
+from sparse_embed.infra.object_store import LocalObjectStore
 
 
 def pytest_collection_modifyitems(config, items):

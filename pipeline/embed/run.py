@@ -1,0 +1,292 @@
+"""The embed job: recover -> list -> diff -> fetch+decode -> embed -> write -> (promote) -> index.
+
+Every listed object ends as exactly one row of `embeddings` or of `errors`:
+1. files an earlier, killed run wrote but never committed are committed (recover);
+2. rows whose (uri, etag) no longer matches the listing are deleted, and error rows of
+   objects about to be retried (one commit per table);
+3. objects not yet embedded at their current etag are processed; the sink commits them
+   (one commit per table).
+A crash between any two commits leaves a state the next run completes.
+
+Model versions never mix: the first run's encoder becomes the active one (<out>/encoder.json).
+A run with another model_version fills <out>/staging/<version>/ instead (resumable like any
+run); when that run completes, the staged tables replace the active ones in one commit
+each (older table versions stay readable by time travel), and the new index is built.
+Until then the old table and index stay as they were.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from sparse_embed.pipeline.embed import diff, ids, listing, report
+from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.embed.timing import StageTimer
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCKS = 10_000  # bounds scheduling overhead for very large runs
+
+
+@dataclass
+class EmbedConfig:
+    source: str
+    out: str
+    spec: dict  # encoders.EncoderSpec.to_dict()
+    extensions: tuple[str, ...] = listing.DEFAULT_EXTENSIONS
+    glob: str | None = None
+    decode_batch_size: int = 32  # objects fetched concurrently by one decode task
+    embed_batch_size: int = 32  # images per forward pass
+    compile: bool = False  # torch.compile the encoder on each actor (compiled at actor start)
+    rows_per_file: int = tables.ROWS_PER_FILE  # rows per Parquet file the write tasks put (at most one smaller file per write task)
+    actors: int | None = None  # None: one per GPU, else one
+    actor_cpus: float | None = None  # None: 1 with GPUs; up to CPU_ACTOR_SHARE without (plan_actors)
+    max_pixels: int = 178_956_970
+    max_error_rate: float = 1.0  # failed / processed above this makes the run fail (exit 1)
+    max_attempts: int = 3  # failures at one etag before an object is no longer retried
+    parallel_listing: bool = True  # one Ray task per top-level prefix of the source
+    build_index: bool = True
+    index_shards: int | None = None
+    run_id: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6])
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ValueError(f"Expected --max-error-rate in [0, 1], got {self.max_error_rate!r}")
+        for name in ("decode_batch_size", "embed_batch_size", "rows_per_file", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Expected {name} >= 1, got {getattr(self, name)!r}")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"Expected --actors >= 1, got {self.actors!r}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id) or ".." in self.run_id:
+            raise ValueError(f"Expected run_id of letters, digits, '.', '_', '-' (it names files under OUT/runs), got {self.run_id!r}")
+
+
+# CPU-only clusters: one single-threaded embed actor per CPU, reserving CPU_ACTOR_SHARE each
+# but always leaving at least one DECODE_TASK_CPUS slot for the decode and write tasks (the
+# job runs no 1-CPU task: blocks are sliced on the driver, writes reserve a decode slot).
+# Ray Data's backpressure keeps decode from running ahead. Reservations are logical: each
+# actor still uses a whole core while it embeds. Measured on the 2-core dev machine
+# (BENCHMARKS.md, pipeline throughput): one 1-thread actor left a core half idle, one
+# 2-thread actor stalled whenever a decode task shared its cores, and 0.75 per actor (two
+# decode slots) beat 0.5 (four), whose extra decode processes only competed for the cores.
+CPU_ACTOR_SHARE = 0.75  # at most; less when --actors asks for more actors than CPUs
+DECODE_TASK_CPUS = 0.25
+
+
+def plan_actors(resources: dict, *, actors: int | None, actor_cpus: float | None) -> dict:
+    """Actor pool sizing: one actor per GPU (1 CPU each, decode tasks 1 CPU each) when the
+    cluster has GPUs; otherwise one single-threaded actor per CPU (see CPU_ACTOR_SHARE)."""
+    gpus = int(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", 1))
+    if gpus:
+        return {"size": actors or gpus, "num_gpus": 1, "num_cpus": actor_cpus or 1, "decode_cpus": 1.0}
+    size = actors or max(1, int(cpus))
+    per_actor = actor_cpus or min(CPU_ACTOR_SHARE, max(0.0, cpus - DECODE_TASK_CPUS) / size)
+    if per_actor <= 0 or cpus - size * per_actor < DECODE_TASK_CPUS:
+        raise ValueError(f"{size} embed actors x {per_actor:g} CPUs leave under {DECODE_TASK_CPUS:g} of the cluster's "
+                         f"{cpus:g} CPUs for the decode and write tasks: lower --actors or --actor-cpus")
+    return {"size": size, "num_gpus": 0, "num_cpus": per_actor, "decode_cpus": DECODE_TASK_CPUS}
+
+
+def staging_root(out: str, model_version: str) -> str:
+    return storage.join(out, "staging", model_version)
+
+
+def active_model_version(out: str) -> str | None:
+    try:
+        return report.read_encoder_spec(out)["model_version"]
+    except FileNotFoundError:
+        return None
+
+
+def choose_data_root(out: str, enc) -> str:
+    """Where this run's embeddings/errors go: <out> for the active model (or the first
+    run), <out>/staging/<version> for a different one."""
+    active = active_model_version(out)
+    if active is None:
+        report.write_encoder_spec(out, enc)
+        return out
+    if active == enc.model_version:
+        return out
+    root = staging_root(out, enc.model_version)
+    report.write_encoder_spec(root, enc)
+    log.info("model_version %s differs from the active %s: staging into %s", enc.model_version, active, root)
+    return root
+
+
+def promote(out: str, root: str, enc) -> dict:
+    """Replace <out>'s tables by the staged ones (one overwrite commit each), make the
+    staged encoder active, then drop the staging prefix. Safe to repeat after a crash."""
+    import pyarrow as pa
+
+    versions = {}
+    for name, schema in ((tables.EMBEDDINGS, tables.embeddings_schema(enc.dim)), (tables.ERRORS, tables.errors_schema())):
+        staged = tables.open_table(tables.table_uri(root, name))
+        data = staged.to_pyarrow_dataset().to_batches() if staged is not None else []
+        reader = pa.RecordBatchReader.from_batches(schema, (b.cast(schema) for b in data))
+        versions[name] = tables.overwrite(tables.table_uri(out, name), reader, schema)
+    report.write_encoder_spec(out, enc)
+    fs = storage.filesystem(root)
+    fs.rm(storage.strip_scheme(root), recursive=True)
+    return versions
+
+
+def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tuple[int, dict, dict]:
+    """Run Ray Data over `todo`; returns (rows embedded, actor pool, forward-pass seconds by actor)."""
+    import ray
+
+    from sparse_embed.infra.ray_launcher import ensure_ray
+
+    from sparse_embed.pipeline.embed.decode import fetch_decode_batch
+    from sparse_embed.pipeline.embed.actor import EmbedActor
+    from sparse_embed.pipeline.embed.sink import EmbeddingTableSink
+
+    with timer.stage("ray"):
+        resources = ensure_ray()
+    pool = plan_actors(resources, actors=cfg.actors, actor_cpus=cfg.actor_cpus)
+    sink = EmbeddingTableSink(root, run_id=cfg.run_id, dim=enc.dim, rows_per_file=cfg.rows_per_file)
+    with timer.stage("fetch+decode+embed+write"):
+        # One decode batch per block, and at least two blocks per actor so none idles. The
+        # driver slices the table into blocks itself: no repartition task.
+        n_blocks = min(MAX_BLOCKS, max(-(-todo.num_rows // cfg.decode_batch_size), min(todo.num_rows, 2 * pool["size"])))
+        ds = ray.data.from_arrow(block_slices(todo, n_blocks))
+        ds = ds.map_batches(fetch_decode_batch, batch_format="pyarrow", batch_size=cfg.decode_batch_size,
+                            num_cpus=pool["decode_cpus"], fn_kwargs={"data_config": enc.data_config, "max_pixels": cfg.max_pixels})
+        ds = ds.map_batches(
+            EmbedActor, batch_format="pyarrow", batch_size=cfg.embed_batch_size,
+            fn_constructor_kwargs={"spec": cfg.spec, "expected_version": enc.model_version,
+                                   "cpu_threads": None if pool["num_gpus"] else max(1, int(pool["num_cpus"])),
+                                   "compile_batch": cfg.embed_batch_size if cfg.compile else None},
+            compute=ray.data.ActorPoolStrategy(size=pool["size"]),
+            num_gpus=pool["num_gpus"], num_cpus=pool["num_cpus"],
+        )
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": pool["decode_cpus"]})
+    return sink.result.rows.get(tables.EMBEDDINGS, 0), pool, sink.result.embed_seconds
+
+
+def busy_report(embed_seconds: dict, pool: dict, stage_s: float) -> dict:
+    """How busy the encoder kept the actors: forward-pass seconds (copies to and from the
+    device included) over the stage's wall time, per actor and averaged over the pool
+    (an actor that never got a batch counts as idle). With one actor per GPU, `fraction`
+    is the share of the stage the GPUs spent embedding."""
+    size = pool.get("size") or 0
+    if not size or stage_s <= 0:
+        return {"fraction": 0.0, "by_actor": {}}
+    return {"fraction": round(sum(embed_seconds.values()) / (size * stage_s), 4),
+            "by_actor": {a: round(s / stage_s, 4) for a, s in sorted(embed_seconds.items())}}
+
+
+def block_slices(table, n_blocks: int) -> list:
+    """`table` as contiguous zero-copy slices of ceil(rows / n_blocks) rows (the last may be
+    shorter): with the decode batch size as the block size, each decode task gets one block
+    (blocks one row short would be bundled two to a task)."""
+    size = max(1, -(-table.num_rows // n_blocks))
+    return [table.slice(start, size) for start in range(0, table.num_rows, size)]
+
+
+def _failures_of_run(root: str, run_id: str) -> tuple[dict[str, int], int]:
+    """(failures of this run by "stage:error_type", how many were first failures)."""
+    rows = tables.read_columns(tables.table_uri(root, tables.ERRORS), ["stage", "error_type", "attempts", "run_id"])
+    by_reason: dict[str, int] = {}
+    first = 0
+    if rows is not None:
+        for stage, etype, attempts, rid in zip(*(rows.column(c).to_pylist() for c in ("stage", "error_type", "attempts", "run_id"))):
+            if rid == run_id:
+                by_reason[f"{stage}:{etype}"] = by_reason.get(f"{stage}:{etype}", 0) + 1
+                first += attempts == 1
+    return by_reason, first
+
+
+def run_embed(cfg: EmbedConfig) -> dict:
+    """Run the job; returns the run report (also written to <out>/runs/)."""
+    from sparse_embed.encoders import EncoderSpec, create_encoder
+    from sparse_embed.infra.ray_launcher import ensure_ray
+
+    from sparse_embed.pipeline.embed.sink import recover_pending
+
+    timer = StageTimer()
+    started = time.time()
+    with timer.stage("load encoder"):
+        enc = create_encoder(EncoderSpec.from_dict(cfg.spec))
+    root = choose_data_root(cfg.out, enc)
+    versions_before = {t: tables.version_of(tables.table_uri(root, t)) for t in (tables.EMBEDDINGS, tables.ERRORS)}
+    with timer.stage("recover"):
+        recovered = recover_pending(root, dim=enc.dim)
+    if cfg.parallel_listing:
+        with timer.stage("ray"):
+            ensure_ray()
+    with timer.stage("list"):
+        listed = listing.list_objects(cfg.source, extensions=cfg.extensions, glob=cfg.glob, parallel=cfg.parallel_listing,
+                                      into=tables.table_uri(cfg.out, tables.LISTING))
+        tables.vacuum(tables.table_uri(cfg.out, tables.LISTING), retention_hours=listing.LISTING_RETENTION_HOURS)
+    with timer.stage("diff"):
+        emb = tables.read_columns(tables.table_uri(root, tables.EMBEDDINGS), ["uri", "etag", "model_version"])
+        if emb is not None and emb.num_rows and set(emb.column("model_version").to_pylist()) != {enc.model_version}:
+            raise RuntimeError(f"{tables.table_uri(root, tables.EMBEDDINGS)} mixes model versions: refusing to add to it")
+        err = tables.read_columns(tables.table_uri(root, tables.ERRORS), ["uri", "etag", "attempts"])
+        d = diff.diff(listed, emb, err, max_attempts=cfg.max_attempts)
+        tables.delete_matching(tables.table_uri(root, tables.EMBEDDINGS), d.stale_embeddings, on=("uri", "etag"))
+        tables.delete_matching(tables.table_uri(root, tables.ERRORS), d.clear_errors, on=("uri", "etag"))
+        todo = ids.attach_image_ids(d.todo, cfg.out, run_id=cfg.run_id)
+    log.info("run %s: %s (recovered %d rows of an interrupted run)", cfg.run_id, d.counts, recovered)
+    embedded, pool, embed_seconds = _embed_todo(cfg, todo, root, enc, timer) if todo.num_rows else (0, {}, {})
+    failed_by_reason, failed_first = _failures_of_run(root, cfg.run_id)
+    failed = sum(failed_by_reason.values())
+    # The error rate counts objects tried for the first time at their etag: a known-bad
+    # object failing its retry again must not fail every night until max_attempts.
+    first_tries = todo.num_rows - sum(1 for a in todo.column("attempts").to_pylist() if a)
+    promoted = None
+    if root != cfg.out:
+        with timer.stage("promote"):
+            promoted = promote(cfg.out, root, enc)
+    index_id = None
+    index_due = cfg.build_index and (todo.num_rows or d.counts["deleted"] or recovered or promoted or
+                                     not storage.exists(storage.join(report.index_root(cfg.out), "CURRENT")))
+    if index_due:
+        from sparse_embed.pipeline.index.update import UpdateConfig, update_index
+
+        with timer.stage("index"):
+            # Adds and removes the difference on the current index; rebuilds when there is
+            # none, the model changed, or the table outgrew the plan (pipeline/index_update.py).
+            manifest = update_index(UpdateConfig(tables.table_uri(cfg.out, tables.EMBEDDINGS), report.index_root(cfg.out),
+                                    shards=cfg.index_shards))
+            index_id = manifest["index_id"] if manifest else None
+    processed = todo.num_rows
+    result = {
+        "run_id": cfg.run_id,
+        "config": report.redact(cfg.__dict__ | {"spec": cfg.spec}),
+        "model": enc.spec.model,
+        "model_version": enc.model_version,
+        "dim": enc.dim,
+        "counts": d.counts | {"processed": processed, "embedded": embedded, "failed": failed,
+                              "failed_by_reason": failed_by_reason, "failed_first_try": failed_first,
+                              "recovered_rows": recovered},
+        "error_rate": (failed_first / first_tries) if first_tries else 0.0,
+        "actor_pool": pool,
+        "embed_busy": busy_report(embed_seconds, pool, timer.seconds("fetch+decode+embed+write")),
+        "timings_s": timer.as_dict(),
+        "wall_s": time.time() - started,
+        "throughput_images_per_s": (processed / timer.seconds("fetch+decode+embed+write")) if processed else 0.0,
+        "table_versions": {"before": versions_before,
+                           "after": {t: tables.version_of(tables.table_uri(cfg.out, t)) for t in (tables.EMBEDDINGS, tables.ERRORS)}},
+        "promoted_model_version": enc.model_version if promoted else None,
+        "index_id": index_id,
+    }
+    report.write_run_report(cfg.out, result)
+    return result
+
+
+def load_run_reports(out: str) -> list[dict]:
+    """All run reports under <out>/runs, oldest first."""
+    fs = storage.filesystem(out)
+    base = storage.strip_scheme(storage.join(out, "runs"))
+    try:
+        paths = sorted(p for p in fs.ls(base, detail=False) if p.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    return [json.loads(fs.cat_file(p)) for p in paths]

@@ -1,0 +1,161 @@
+"""Stage 5: a Ray Datasink that writes embedding rows and error rows to their Delta tables.
+
+Write tasks put Parquet files into each table's directory; nothing is visible until the
+driver commits them: one atomic Delta commit per table in on_write_complete. Each
+finished file also gets a marker under <root>/_pending/<table>/; markers are deleted once
+their file is committed. If the driver dies mid-run, the next run commits the files its
+markers name (`recover_pending`) before diffing, so finished work is kept, and nothing
+is committed twice: a marker whose file is already in the table is only deleted.
+
+The sink also sums the embed actors' forward-pass seconds that ride on each row
+(`embed_seconds`, `embed_actor`, from pipeline/embed_actor.py): how busy the encoder was.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from functools import partial
+from dataclasses import dataclass, field
+
+from ray.data import Datasink
+
+from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.store.retry import with_retries
+
+
+@dataclass
+class WrittenFile:
+    table: str  # tables.EMBEDDINGS or tables.ERRORS
+    path: str  # relative to the table root
+    size: int
+    rows: int
+
+
+@dataclass
+class TaskWrites:
+    files: list  # WrittenFile per file the write task put
+    embed_seconds: dict  # embed actor -> seconds of forward passes behind the task's rows
+
+
+@dataclass
+class CommitResult:
+    versions: dict = field(default_factory=dict)  # table -> version after commit (None: nothing committed)
+    rows: dict = field(default_factory=dict)  # table -> rows committed
+    embed_seconds: dict = field(default_factory=dict)  # embed actor -> seconds of forward passes
+
+
+def split_rows(batch, *, run_id: str, dim: int):
+    """One embed-stage batch -> (embedding rows, error rows), cast to the table schemas."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    failed = pc.is_valid(batch.column("error_stage"))
+    ok = batch.filter(pc.invert(failed))
+    bad = batch.filter(failed)
+    run = lambda t: pa.array([run_id] * t.num_rows, pa.string())  # noqa: E731
+    emb = ok.append_column("run_id", run(ok)).select(tables.embeddings_schema(dim).names).cast(tables.embeddings_schema(dim))
+    err = bad.rename_columns({"error_stage": "stage", "error_message": "message"} | {c: c for c in bad.column_names if c not in ("error_stage", "error_message")})
+    attempts = pc.add(err.column("attempts"), 1) if "attempts" in err.column_names else pa.array([1] * err.num_rows, pa.int32())
+    err = (err.drop_columns([c for c in ("attempts",) if c in err.column_names]).append_column("attempts", attempts)
+           .append_column("run_id", run(err)).select(tables.errors_schema().names).cast(tables.errors_schema()))
+    return emb, err
+
+
+class EmbeddingTableSink(Datasink):
+    def __init__(self, out: str, *, run_id: str, dim: int, rows_per_file: int = tables.ROWS_PER_FILE):
+        self.out = out
+        self.run_id = run_id
+        self.dim = dim
+        self.rows_per_file = rows_per_file
+        self.result = CommitResult()
+
+    @property
+    def supports_distributed_writes(self) -> bool:
+        return True
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def on_write_start(self, schema=None) -> None:
+        tables.ensure_table(tables.table_uri(self.out, tables.EMBEDDINGS), tables.embeddings_schema(self.dim))
+        tables.ensure_table(tables.table_uri(self.out, tables.ERRORS), tables.errors_schema())
+
+    def write(self, blocks, ctx) -> TaskWrites:
+        import pyarrow as pa
+
+        emb_parts, err_parts = [], []
+        busy: dict[str, float] = {}
+        for block in blocks:
+            batch = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+            if "embed_seconds" in batch.column_names:
+                sums = batch.group_by("embed_actor").aggregate([("embed_seconds", "sum")])
+                for actor, seconds in zip(sums.column("embed_actor").to_pylist(), sums.column("embed_seconds_sum").to_pylist()):
+                    busy[actor] = busy.get(actor, 0.0) + seconds
+            emb, err = split_rows(batch, run_id=self.run_id, dim=self.dim)
+            emb_parts.append(emb)
+            err_parts.append(err)
+        written = []
+        for name, parts, schema in ((tables.EMBEDDINGS, emb_parts, tables.embeddings_schema(self.dim)),
+                                    (tables.ERRORS, err_parts, tables.errors_schema())):
+            table = pa.concat_tables(parts) if parts else schema.empty_table()
+            if table.num_rows == 0:
+                continue
+            rel = f"part-{self.run_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:12]}.parquet"
+            done = with_retries(partial(self._write_file, name, rel, table), what=f"write {name}/{rel}")
+            written.append(done)
+        return TaskWrites(written, busy)
+
+    def _write_file(self, name: str, rel: str, table) -> WrittenFile:
+        """Write one Parquet file and its marker; safe to repeat (same names, overwritten)."""
+        done = WrittenFile(name, rel, tables.write_parquet_file(tables.table_uri(self.out, name), rel, table), table.num_rows)
+        storage.write_bytes_atomic(marker_uri(self.out, done), json.dumps(done.__dict__).encode())
+        return done
+
+    def on_write_complete(self, write_result) -> None:
+        files = [f for task in write_result.write_returns for f in task.files]
+        for name in (tables.EMBEDDINGS, tables.ERRORS):
+            self.result.rows[name] = sum(f.rows for f in files if f.table == name)
+        for task in write_result.write_returns:
+            for actor, seconds in task.embed_seconds.items():
+                self.result.embed_seconds[actor] = self.result.embed_seconds.get(actor, 0.0) + seconds
+        # Repeating is safe: commit_files skips files a lost-response commit already added.
+        self.result.versions, _ = with_retries(partial(commit_files, self.out, files, dim=self.dim), what="commit")
+
+
+def marker_uri(root: str, f: WrittenFile) -> str:
+    return storage.join(root, "_pending", f.table, f.path + ".json")
+
+
+def commit_files(root: str, files: list[WrittenFile], *, dim: int) -> tuple[dict, int]:
+    """One append commit per table for `files` not yet in it, then delete their markers.
+    Returns (table -> version after, rows newly committed)."""
+    versions, committed = {}, 0
+    for name, schema in ((tables.EMBEDDINGS, tables.embeddings_schema(dim)), (tables.ERRORS, tables.errors_schema())):
+        uri = tables.table_uri(root, name)
+        dt = tables.ensure_table(uri, schema)
+        active = {p.rsplit("/", 1)[-1] for p in dt.file_uris()}
+        mine = [f for f in files if f.table == name and f.path not in active]
+        if mine:
+            versions[name] = tables.commit_files(uri, [(f.path, f.size, f.rows) for f in mine], schema)
+            committed += sum(f.rows for f in mine)
+        else:
+            versions[name] = dt.version()
+    fs = storage.filesystem(root)
+    for f in files:
+        fs.rm_file(storage.strip_scheme(marker_uri(root, f)))
+    return versions, committed
+
+
+def recover_pending(root: str, *, dim: int) -> int:
+    """Commit files that an earlier run wrote but never committed. Returns their row count."""
+    fs = storage.filesystem(root)
+    base = storage.strip_scheme(storage.join(root, "_pending"))
+    try:
+        paths = [p for p in fs.find(base) if p.endswith(".json")]
+    except FileNotFoundError:
+        return 0
+    if not paths:
+        return 0
+    files = [WrittenFile(**json.loads(fs.cat_file(p))) for p in paths]
+    return with_retries(partial(commit_files, root, files, dim=dim), what="commit recovered files")[1]

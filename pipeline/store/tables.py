@@ -1,0 +1,178 @@
+"""The Delta tables under an output prefix, and their schemas (DESIGN.md, data contracts).
+
+<out>/embeddings  one row per embedded object
+<out>/errors      one row per object whose latest attempt failed
+<out>/listing     the latest listing (uri, etag, size, mtime), overwritten each run
+<out>/image_ids   uri -> image_id, append-only: ids stay stable for a URI across runs,
+                  even after it is deleted and comes back, and are never reused
+"""
+from __future__ import annotations
+
+import logging
+
+from sparse_embed.pipeline.store import storage
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS, ERRORS, IMAGE_IDS, LISTING = "embeddings", "errors", "image_ids", "listing"
+
+# Rows per Parquet file the embed job writes (Ray Data bundles embed outputs up to this
+# before a write task runs): 8192 x 512-d float32 is ~18 MiB. One file per 32-row block
+# cost a write task (Parquet PUT, marker PUT, HEAD) per block: on the 2-core dev machine
+# that was ~20 % of the run's CPU (BENCHMARKS.md, pipeline throughput). A killed run loses
+# at most the rows not yet in a file.
+ROWS_PER_FILE = 8192
+
+
+def embeddings_schema(dim: int):
+    import pyarrow as pa
+
+    return pa.schema([
+        ("image_id", pa.int64()),
+        ("uri", pa.string()),
+        ("etag", pa.string()),
+        ("size", pa.int64()),
+        ("mtime", pa.timestamp("us", tz="UTC")),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("embedding", pa.list_(pa.float32(), dim)),
+        ("model", pa.string()),
+        ("model_version", pa.string()),
+        ("run_id", pa.string()),
+    ])
+
+
+def errors_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("image_id", pa.int64()),
+        ("uri", pa.string()),
+        ("etag", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+        ("attempts", pa.int32()),  # failed attempts at this etag; retries stop at the run's max_attempts
+        ("run_id", pa.string()),
+    ])
+
+
+def image_ids_schema():
+    import pyarrow as pa
+
+    return pa.schema([("uri", pa.string()), ("image_id", pa.int64()), ("run_id", pa.string())])
+
+
+def table_uri(out: str, name: str) -> str:
+    return storage.join(out, name)
+
+
+def open_table(uri: str, version: int | None = None):
+    """The DeltaTable at `uri`, or None if there is none yet."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        return DeltaTable(uri, version=version, storage_options=storage.delta_storage_options(uri))
+    except TableNotFoundError:
+        return None
+
+
+def ensure_table(uri: str, schema):
+    """Open the table, creating it empty (version 0) with `schema` if missing."""
+    from deltalake import DeltaTable
+
+    dt = open_table(uri)
+    if dt is None:
+        dt = DeltaTable.create(uri, schema=schema, mode="ignore", storage_options=storage.delta_storage_options(uri))
+    return dt
+
+
+def read_columns(uri: str, columns: list[str], version: int | None = None):
+    """Selected columns of a table as Arrow, or None if there is no table yet."""
+    import pyarrow as pa
+
+    dt = open_table(uri, version)
+    if dt is None:
+        return None
+    return pa.table(dt.to_pyarrow_table(columns=columns))
+
+
+def append(uri: str, table, schema) -> int:
+    """One atomic append commit; returns the new table version."""
+    from deltalake import write_deltalake
+
+    ensure_table(uri, schema)
+    write_deltalake(uri, table.cast(schema), mode="append", storage_options=storage.delta_storage_options(uri))
+    return open_table(uri).version()
+
+
+def delete_matching(uri: str, keys, on: tuple[str, ...]) -> int:
+    """Delete rows whose `on` columns equal a row of `keys` (an Arrow table), in one commit.
+    Returns the number of rows deleted."""
+    dt = open_table(uri)
+    if dt is None or keys.num_rows == 0:
+        return 0
+    predicate = " AND ".join(f"t.{c} = s.{c}" for c in on)
+    metrics = (dt.merge(source=keys.select(list(on)), predicate=predicate, source_alias="s", target_alias="t")
+               .when_matched_delete().execute())
+    return int(metrics.get("num_target_rows_deleted", 0))
+
+
+def version_of(uri: str) -> int | None:
+    dt = open_table(uri)
+    return None if dt is None else dt.version()
+
+
+def overwrite(uri: str, data, schema) -> int:
+    """Replace the table's rows in one commit (earlier versions stay readable by time
+    travel); `data` is an Arrow table or a RecordBatchReader. Returns the new version."""
+    from deltalake import write_deltalake
+
+    ensure_table(uri, schema)
+    write_deltalake(uri, data, mode="overwrite", schema_mode="overwrite", storage_options=storage.delta_storage_options(uri))
+    return open_table(uri).version()
+
+
+def write_parquet_file(uri: str, rel: str, table) -> int:
+    """Write `table` as the Parquet file `rel` inside the table directory `uri`, not yet
+    committed; returns its size in bytes. Safe to repeat (same name, overwritten)."""
+    import pyarrow.parquet as pq
+
+    fs, root = storage.arrow_filesystem(uri)
+    path = f"{root}/{rel}"
+    tmp = path if storage.is_s3(uri) else f"{root}/.{rel}.tmp"  # an S3 PUT is atomic; a local write is not
+    if tmp != path:
+        fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(tmp) as f:
+        pq.write_table(table, f, compression="zstd")
+    if tmp != path:
+        fs.move(tmp, path)
+    return fs.get_file_info(path).size
+
+
+def commit_files(uri: str, files: list[tuple[str, int, int]], schema, *, mode: str = "append") -> int:
+    """One commit adding Parquet files already in the table directory, as (path relative
+    to the table, bytes, rows); mode="overwrite" also removes every file the table had.
+    Returns the new version."""
+    import json
+    import time
+
+    from deltalake.transaction import AddAction
+
+    dt = ensure_table(uri, schema)
+    now_ms = int(time.time() * 1000)
+    actions = [AddAction(path=path, size=size, partition_values={}, modification_time=now_ms, data_change=True,
+                         stats=json.dumps({"numRecords": rows})) for path, size, rows in files]
+    dt.create_write_transaction(actions, mode=mode, schema=schema)
+    return open_table(uri).version()
+
+
+def vacuum(uri: str, *, retention_hours: int) -> int:
+    """Delete the files of the table at `uri` that no version younger than retention_hours
+    needs: files replaced or deleted since, and files a crashed writer never committed.
+    Returns how many were deleted."""
+    dt = open_table(uri)
+    if dt is None:
+        return 0
+    return len(dt.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False, full=True))

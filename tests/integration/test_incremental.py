@@ -1,0 +1,143 @@
+"""Incremental re-embedding against the real local object store: nothing changed, a day of
+changes equals a fresh full run, a killed driver resumes exactly once, a model change
+starts a new version."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from helpers import SPEC
+from sparse_embed.infra.synthetic_images import generate
+from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
+from sparse_embed.pipeline.index.snapshot import vectors_of
+from sparse_embed.pipeline.index.searcher import ShardedIndex, current_index_id
+
+pytestmark = pytest.mark.integration
+
+N = 100  # objects: 50 bases + 50 JPEG variants, small images
+
+
+def _objects(seed: int, n_base: int) -> dict[str, bytes]:
+    return {im.key: im.data for im in generate(n_base, seed=seed, variants=("jpeg",), min_side=48, max_side=96)}
+
+
+def _rows(out: str) -> dict[str, tuple]:
+    t = tables.open_table(tables.table_uri(out, tables.EMBEDDINGS)).to_pyarrow_table()
+    v = vectors_of(t.column("embedding"))
+    cols = [t.column(c).to_pylist() for c in ("uri", "etag", "size", "width", "height", "model_version", "image_id")]
+    return {u: (e, s, w, h, mv, i, v[k]) for k, (u, e, s, w, h, mv, i) in enumerate(zip(*cols))}
+
+
+def _assert_exactly_once(source: str, out: str):
+    fs = storage.filesystem(source)
+    listed = sorted(storage.with_scheme(p, source) for p in fs.find(storage.strip_scheme(source)))
+    emb = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS), ["uri"]).column("uri").to_pylist()
+    err = tables.read_columns(tables.table_uri(out, tables.ERRORS), ["uri"]).column("uri").to_pylist()
+    assert len(emb) == len(set(emb)), "duplicate embedding rows"
+    assert sorted(emb + err) == listed, "every listed object is exactly one row"
+
+
+@pytest.fixture(scope="module")
+def day0(object_store, ray_local):
+    bucket = object_store.create_bucket("incremental")
+    source, out = f"{bucket}/images/", f"{bucket}/emb"
+    objects = _objects(seed=11, n_base=N // 2)
+    storage.put_many(source, objects)
+    first = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
+    return {"bucket": bucket, "source": source, "out": out, "objects": objects, "first": first}
+
+
+def test_rerun_with_nothing_changed_embeds_nothing(day0):
+    again = run_embed(EmbedConfig(source=day0["source"], out=day0["out"], spec=SPEC))
+    assert again["counts"]["processed"] == 0 and again["counts"]["unchanged"] == N
+    assert again["index_id"] is None, "no change, no new index"
+    assert current_index_id(f"{day0['out']}/index") == day0["first"]["index_id"]
+
+
+def test_a_day_of_changes_equals_a_fresh_full_run(day0):
+    source, out, bucket = day0["source"], day0["out"], day0["bucket"]
+    before = _rows(out)
+    keys = sorted(day0["objects"])
+    added = {f"new/img_{i}.jpg": d for i, d in enumerate(list(_objects(seed=12, n_base=3).values())[:5])}  # 5%
+    changed_key, deleted_key = keys[10], keys[20]  # 1% each
+    storage.put_many(source, added | {changed_key: day0["objects"][keys[30]]})
+    storage.filesystem(source).rm_file(storage.strip_scheme(source + deleted_key))
+
+    inc = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
+    c = inc["counts"]
+    assert (c["new"], c["changed"], c["deleted"], c["processed"]) == (5, 1, 1, 6), c
+
+    fresh_out = f"{bucket}/fresh"
+    run_embed(EmbedConfig(source=source, out=fresh_out, spec=SPEC, index_shards=2, rows_per_file=16))
+    a, b = _rows(out), _rows(fresh_out)
+    assert sorted(a) == sorted(b) and source + deleted_key not in a
+    for uri in a:
+        assert a[uri][:5] == b[uri][:5], uri
+        np.testing.assert_allclose(a[uri][6], b[uri][6], rtol=0, atol=1e-6, err_msg=uri)
+    assert a[source + changed_key][5] == before[source + changed_key][5], "a changed object keeps its image_id"
+    assert all(a[u][5] == before[u][5] for u in before if u in a)
+
+    ia, ib = ShardedIndex.open(f"{out}/index"), ShardedIndex.open(f"{fresh_out}/index")
+    assert ia.manifest["ntotal"] == ib.manifest["ntotal"] == len(a)
+    q = np.stack([a[u][6] for u in sorted(a)[:20]])
+    ha, hb = ia.hits(q, 5), ib.hits(q, 5)
+    assert [[h.uri for h in r] for r in ha] == [[h.uri for h in r] for r in hb]
+    assert source + deleted_key not in ia.uris.values()
+
+
+def test_driver_killed_mid_embed_resumes_exactly_once(object_store, ray_local):
+    bucket = object_store.create_bucket("killed")
+    source, out = f"{bucket}/images/", f"{bucket}/emb"
+    storage.put_many(source, _objects(seed=13, n_base=60))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "sparse_embed.jobs.cli", "embed", source, "--out", out, "--model", "resnet10t",
+           "--decode-batch-size", "4", "--batch-size", "4", "--rows-per-file", "4", "--no-index"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    fs = storage.filesystem(out)
+    pending = storage.strip_scheme(f"{out}/_pending/embeddings")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(fs.ls(pending)) >= 2:
+                break
+        except FileNotFoundError:
+            pass
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray, as a dead machine would
+    proc.wait()
+    emb = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS), ["uri"])
+    assert emb is None or emb.num_rows == 0, "nothing is visible before the run commits"
+
+    resumed = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, build_index=False))
+    assert resumed["counts"]["recovered_rows"] >= 8, "finished work of the killed run is kept"
+    assert resumed["counts"]["processed"] < 120
+    _assert_exactly_once(source, out)
+
+
+def test_model_change_starts_a_new_version_and_keeps_the_old_queryable(day0):
+    source, out = day0["source"], day0["out"]
+    old_id = current_index_id(f"{out}/index")
+    old_version = tables.version_of(tables.table_uri(out, tables.EMBEDDINGS))
+    old_model = ShardedIndex.open(f"{out}/index").manifest["model_version"]
+    spec = SPEC | {"proj_dim": 128}  # same backbone, another head: another model_version
+    result = run_embed(EmbedConfig(source=source, out=out, spec=spec, index_shards=2, rows_per_file=16))
+    assert result["promoted_model_version"] == result["model_version"] != old_model
+    new = ShardedIndex.open(f"{out}/index")
+    assert new.manifest["model_version"] == result["model_version"] and new.manifest["dim"] == 128
+    t = tables.open_table(tables.table_uri(out, tables.EMBEDDINGS)).to_pyarrow_table()
+    assert set(t.column("model_version").to_pylist()) == {result["model_version"]}, "never mixed"
+    old_t = tables.open_table(tables.table_uri(out, tables.EMBEDDINGS), version=old_version).to_pyarrow_table()
+    assert set(old_t.column("model_version").to_pylist()) == {old_model}, "the old version stays readable"
+    old_index = ShardedIndex.open(f"{out}/index", index_id=old_id)
+    assert old_index.manifest["model_version"] == old_model and old_index.manifest["ntotal"] > 0
+    staged = storage.strip_scheme(f"{out}/staging/{result['model_version']}")
+    left = [p for p in storage.filesystem(out).find(staged) if p.rstrip("/") != staged]  # SeaweedFS may keep the folder entry
+    assert not left, "the staging prefix is emptied after promotion"

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (tests/unit/ is two below it)
 CRDS = ROOT.parent / "shared" / "crds"
 K8S = ROOT / "infra" / "k8s"
 

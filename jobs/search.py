@@ -28,7 +28,8 @@ def run(args) -> int:
 
     index = ShardedIndex.open(args.index, index_id=args.index_id)
     if args.image_id:
-        vectors, queries = index.vectors_for_ids(args.image_id)
+        vectors, uris = index.vectors_for_ids(args.image_id)
+        queries = [u or f"image_id {i}" for u, i in zip(uris, args.image_id)]  # a table without uris: by id
     else:
         queries = args.image
         vectors = embed_queries(queries, index.manifest)
@@ -38,8 +39,11 @@ def run(args) -> int:
         else:
             print(f"query {query}")
             for h in hits:
-                print(f"  {h.rank:3d}  {h.score:.4f}  {h.uri}")
+                print(f"  {h.rank:3d}  {h.score:.4f}  {h.uri if h.uri is not None else f'image_id {h.image_id}'}")
         if args.contact_sheet:
+            if any(h.uri is None for h in hits):
+                raise ValueError(f"Expected an index whose table has a uri column for --contact-sheet, got table "
+                                 f"{index.manifest['table']!r} without one")
             out = args.contact_sheet
             if len(queries) > 1:
                 stem, dot, ext = out.rpartition(".")

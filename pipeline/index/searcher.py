@@ -43,7 +43,7 @@ class SearchHit:
     rank: int
     image_id: int
     score: float
-    uri: str
+    uri: str | None  # None when the indexed table has no uri column
 
 
 class ShardedIndex:
@@ -113,7 +113,7 @@ class ShardedIndex:
         import numpy as np
 
         pos = int(np.searchsorted(self._ids, image_id))
-        return self._uris[pos].as_py() if pos < len(self._ids) and self._ids[pos] == image_id else ""
+        return self._uris[pos].as_py() if pos < len(self._ids) and self._ids[pos] == image_id else None
 
     @property
     def uris(self) -> dict[int, str]:
@@ -142,7 +142,8 @@ def vectors_for_ids(table_uri: str, version: int | None, image_ids: list[int]):
     if dt is None:
         raise FileNotFoundError(f"No embeddings table at {table_uri!r} (version {version})")
     wanted = [int(i) for i in image_ids]
-    t = dt.to_pyarrow_dataset().to_table(columns=["image_id", "uri", "embedding"],
+    has_uri = "uri" in [f.name for f in dt.schema().fields]
+    t = dt.to_pyarrow_dataset().to_table(columns=["image_id", "embedding"] + (["uri"] if has_uri else []),
                                          filter=pc.field("image_id").isin(wanted))
     have = t.column("image_id").to_pylist()
     missing = sorted(set(wanted) - set(have))
@@ -152,7 +153,7 @@ def vectors_for_ids(table_uri: str, version: int | None, image_ids: list[int]):
     pos = {i: r for r, i in enumerate(have)}
     rows = [pos[i] for i in wanted]
     vectors = vectors_of(t.column("embedding"))[rows]
-    uris = [t.column("uri")[r].as_py() for r in rows]
+    uris = [t.column("uri")[r].as_py() for r in rows] if has_uri else [None] * len(rows)
     return np.ascontiguousarray(vectors, dtype="float32"), uris
 
 

@@ -1,12 +1,17 @@
 """One version of an embeddings table as the index sees it: its data files, row counts,
 dimension, a seeded sample, and the embedding column as (n, D) float32.
 
-Any Delta table with `image_id` (int64) and `embedding` (a list of floats) can be indexed;
-`uri` and `etag` are used when present (`ID_COLUMNS`).
+Any Delta table with `image_id` (int64) and `embedding` (a list of floats) can be indexed
+(`REQUIRED_COLUMNS`); `uri` and `etag` are used when present (`OPTIONAL_COLUMNS`) and read
+as nulls when not: search then prints ids, and updates compare ids only.
 """
 from __future__ import annotations
 
 from sparse_embed.pipeline.store import storage, tables
+
+
+REQUIRED_COLUMNS = ("image_id", "embedding")
+OPTIONAL_COLUMNS = ("uri", "etag")
 
 
 def ids_schema():
@@ -29,12 +34,19 @@ def vectors_of(column):
 
 
 def read_file(path: str, table_uri: str, columns=("image_id", "uri", "etag", "embedding")):
+    """`columns` of one data file; an optional column the file lacks comes back as nulls."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import pyarrow as pa
-
     fs, _ = storage.arrow_filesystem(table_uri)
-    t = pq.read_table(path, columns=list(columns), filesystem=fs)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        present = set(pf.schema_arrow.names)
+        t = pf.read(columns=[c for c in columns if c in present])
+    for c in columns:
+        if c not in present and c in OPTIONAL_COLUMNS:
+            t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
+    t = t.select(list(columns))
     if "embedding" in t.column_names and pa.types.is_fixed_size_list(t.schema.field("embedding").type):
         # Files deltalake rewrote hold list<float>: one type, so slices concatenate.
         i = t.schema.get_field_index("embedding")
@@ -50,6 +62,11 @@ class TableSnapshot:
         if dt is None:
             raise FileNotFoundError(f"No embeddings table at {table_uri!r}")
         self.uri, self.dt, self.version = table_uri, dt, dt.version()
+        self.columns = [f.name for f in dt.schema().fields]
+        for c in REQUIRED_COLUMNS:
+            if c not in self.columns:
+                raise ValueError(f"Table {table_uri!r} has no {c!r} column: an index needs image_id (int64) and "
+                                 f"embedding (list of float32); it has {', '.join(self.columns)}")
         adds = dt.get_add_actions(flatten=True)
         by_name = {}
         if adds.num_rows:
@@ -60,6 +77,16 @@ class TableSnapshot:
         self.sizes = [by_name.get(p.rsplit("/", 1)[-1], (0, 0))[0] for p in self.paths]
         self.rows = [by_name.get(p.rsplit("/", 1)[-1], (0, 0))[1] for p in self.paths]
         self.n = sum(self.rows)
+
+    def read_columns(self, columns):
+        """`columns` of the whole version (optional ones as nulls when the table lacks them)."""
+        import pyarrow as pa
+
+        t = self.dt.to_pyarrow_table(columns=[c for c in columns if c in self.columns])
+        for c in columns:
+            if c not in self.columns:
+                t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
+        return t.select(list(columns))
 
     def dim(self) -> int:
         """From the first non-empty file's Parquet schema (fixed_size_list) or first row."""
@@ -98,7 +125,7 @@ def model_version_of(snap: TableSnapshot) -> str | None:
     import pyarrow.compute as pc
 
     first = next((i for i, r in enumerate(snap.rows) if r), None)
-    if first is None:
+    if first is None or "model_version" not in snap.columns:
         return None
     col = read_file(snap.paths[first], snap.uri, ["model_version"]).column("model_version")
     return pc.min(col).as_py() if len(col) else None

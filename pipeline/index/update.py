@@ -176,8 +176,8 @@ def _rebuild_reason(cfg: UpdateConfig, cm: dict, snap: TableSnapshot) -> str | N
 
 def _diff_against_index(old, snap: TableSnapshot):
     """(removed, added) image_ids between the index's ids files and the table version, by
-    (image_id, etag)."""
-    new = snap.dt.to_pyarrow_table(columns=["image_id", "etag"])
+    (image_id, etag); by image_id alone for a table without etags (its etags read as nulls)."""
+    new = snap.read_columns(["image_id", "etag"])
     return diff_ids(old.column("image_id").to_numpy(), old.column("etag").to_pylist(),
                     new.column("image_id").to_numpy(), new.column("etag").to_pylist())
 
@@ -186,6 +186,7 @@ def _apply_diff(shards_idx: list, snap: TableSnapshot, removed, added):
     """Remove `removed` from every shard and add `added` (read from the table) to the
     smallest one, in place; returns the added rows (image_id, uri, etag, embedding) or None."""
     import faiss
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     if len(removed):
@@ -194,8 +195,11 @@ def _apply_diff(shards_idx: list, snap: TableSnapshot, removed, added):
             s.remove_ids(sel)
     if not len(added):
         return None
-    add_t = snap.dt.to_pyarrow_dataset().to_table(columns=["image_id", "uri", "etag", "embedding"],
-                                                  filter=pc.field("image_id").isin(added.tolist()))
+    present = [c for c in ("image_id", "uri", "etag", "embedding") if c in snap.columns]
+    add_t = snap.dt.to_pyarrow_dataset().to_table(columns=present, filter=pc.field("image_id").isin(added.tolist()))
+    for c in ("uri", "etag"):
+        if c not in present:
+            add_t = add_t.append_column(c, pa.nulls(add_t.num_rows, pa.string()))
     smallest = min(range(len(shards_idx)), key=lambda i: shards_idx[i].ntotal)
     shards_idx[smallest].add_with_ids(vectors_of(add_t.column("embedding")),
                                       add_t.column("image_id").to_numpy().astype("int64"))

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from benchmarks import cases
 from benchmarks import encoders as bench
 
 
@@ -34,7 +35,7 @@ def test_select_cases():
 
 
 def test_dense_case_skips_large_inputs():
-    dense = next(c for c in bench.biformer_cases() if c.label.endswith("scaled/dense"))
+    dense = next(c for c in cases.biformer_cases() if c.label.endswith("scaled/dense"))
     assert dense.skip(512, 1) is None
     assert "N^2" in dense.skip(1024, 1) and dense.skip(512, 8)  # 512x512 px per batch at most
 
@@ -70,7 +71,7 @@ def test_allocated_peak_counts_live_tensors_only():
 
 @pytest.mark.slow
 def test_run_end_to_end(tmp_path, capsys):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "rows.json"
     assert bench.run(_args("--sizes", "32", "--batch-sizes", "1", "--repeats", "1",
                            "--models", "scaled/auto", "--out", str(out))) == 0
     rows = json.loads(out.read_text())["rows"]
@@ -82,7 +83,7 @@ def test_run_end_to_end(tmp_path, capsys):
 def test_run_on_gpu_in_bf16(tmp_path):
     import torch
 
-    out = tmp_path / "bench.json"
+    out = tmp_path / "rows.json"
     assert bench.run(_args("--sizes", "64", "--batch-sizes", "1,2", "--repeats", "1",
                            "--models", "scaled/auto,scaled/reference", "--out", str(out))) == 0
     doc = json.loads(out.read_text())

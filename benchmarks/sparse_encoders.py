@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 SIZES = (224, 384, 512, 1024)
-# issue-4 targets
+# the targets this benchmark checks (BENCHMARKS.md, sparse encoders)
 LOOKUP_MAC_RATIO_MAX = 0.40
 LOOKUP_SPEEDUP_MIN = 1.8
 TOPK_SPEEDUP_MIN = 2.0
@@ -53,7 +53,7 @@ def topk_cases(sizes=SIZES, variant: str = 'small', keep: int = 256, remainders=
 
 
 def target_cases() -> list[Pair]:
-    """The two issue-4 targets: lookupvit_base @384 (M = 25) and top-k K = 256 on ViT-S @1024."""
+    """The two targets: lookupvit_base @384 (M = 25) and top-k K = 256 on ViT-S @1024."""
     return [
         Pair('target', 'lookupvit_base_patch16', 'vit_base_patch16_224', 384,
              model_args={'compressed_grid': 5}, baseline_args={'dynamic_img_size': True}),
@@ -168,7 +168,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def check_targets(rows: list[dict]) -> list[str]:
-    """One line per issue-4 target found among the rows: figure, threshold, held or not."""
+    """One line per target found among the rows: figure, threshold, held or not."""
     out = []
     for r in rows:
         if r['model'] == 'lookupvit_base_patch16' and r['px'] == 384 and 'compressed_grid=5' in r['knob']:
@@ -186,7 +186,7 @@ def check_targets(rows: list[dict]) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--suites', nargs='+', choices=sorted(SUITES), default=['targets'],
                         help='lookupvit: tiny/small/base vs ViT over sizes; topk: ViT-S K=256 over sizes; '
-                             'targets: the two issue-4 target rows')
+                             'targets: the two target rows')
     parser.add_argument('--sizes', nargs='+', type=int, default=list(SIZES), help='input sizes (px) for sweeps')
     parser.add_argument('--repeats', type=int, default=3, help='timed runs per model (median reported)')
     parser.add_argument('--keep', type=int, default=256, help='K for the topk suite')

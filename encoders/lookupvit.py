@@ -7,7 +7,7 @@ see only linear-cost operations (K/V projections, one output projection, a D/2 M
 block costs about 4*N*D^2 + 14*M*D^2 MACs instead of ViT's 12*N*D^2 + 2*N^2*D.
 
 No official code or weights exist; this is our implementation of the paper's description
-(see ../shared/ENCODERS.md). The compressed grid has no parameters of its own, so it can be
+(the ECCV 2024 paper's design). The compressed grid has no parameters of its own, so it can be
 changed at inference (``set_compressed_grid`` or ``forward_features(x, compressed_grid=g)``)
 and sampled per batch in training (``train_grids``, FlexiViT style).
 """

@@ -5,7 +5,9 @@ import argparse
 
 from sparse_embed.pipeline.store.tables import ROWS_PER_FILE
 
-from .options import add_encoder_arguments, encoder_spec, fraction, positive_float, positive_int
+from sparse_embed.pipeline.embed.decode import ALLOWED_FORMATS
+
+from .options import add_encoder_arguments, encoder_spec, fraction, pillow_formats, positive_float, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--actor-cpus", type=positive_float, default=None, help="CPUs per embed actor (default: 1 with GPUs; without, up to 0.75, leaving room for a decode task)")
     g.add_argument("--max-pixels", type=positive_int, default=178_956_970,
                    help="decoded-size guard against decompression bombs (default 178956970, Pillow's own)")
+    g.add_argument("--formats", type=pillow_formats, default=ALLOWED_FORMATS, metavar="NAMES",
+                   help=f"comma-separated Pillow formats to decode, any case (default {','.join(ALLOWED_FORMATS)}); "
+                        "an image in another format becomes an UnsupportedFormat error row naming it. "
+                        "EPS/PS is refused: Pillow decodes it by running Ghostscript. "
+                        "Objects are listed by --ext first, so a new format may need its extension there too")
     g.add_argument("--max-error-rate", type=fraction, default=1.0,
                    help="exit 1 when the failed fraction of objects tried for the first time exceeds this (default 1.0: never)")
     g.add_argument("--max-attempts", type=positive_int, default=3,
@@ -42,7 +49,7 @@ def run(args) -> int:
         source=args.source, out=args.out, spec=encoder_spec(args),
         extensions=tuple(e.strip() if e.strip().startswith(".") else "." + e.strip() for e in args.extensions.split(",") if e.strip()),
         glob=args.glob, decode_batch_size=args.decode_batch_size, embed_batch_size=args.batch_size, rows_per_file=args.rows_per_file, compile=args.compile,
-        actors=args.actors, actor_cpus=args.actor_cpus, max_pixels=args.max_pixels,
+        actors=args.actors, actor_cpus=args.actor_cpus, max_pixels=args.max_pixels, formats=tuple(args.formats),
         max_error_rate=args.max_error_rate, max_attempts=args.max_attempts, build_index=args.build_index, index_shards=args.index_shards,
     )
     result = run_embed(cfg)

@@ -39,7 +39,7 @@ def run(args) -> int:
         source=cfg.source, out=cfg.out, spec=spec, extensions=tuple(cfg.extensions), glob=cfg.glob,
         decode_batch_size=cfg.decode_batch_size, embed_batch_size=cfg.batch_size, actors=cfg.actors,
         max_error_rate=cfg.max_error_rate, max_attempts=cfg.max_attempts, build_index=cfg.index,
-        index_shards=cfg.index_shards, compile=cfg.compile, rows_per_file=cfg.rows_per_file,
+        index_shards=cfg.index_shards, compile=cfg.compile, rows_per_file=cfg.rows_per_file, formats=tuple(cfg.formats),
     )
     try:
         lock = OutputLock(cfg.out, owner=embed_cfg.run_id, ttl_s=cfg.lock_ttl_s).acquire()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from sparse_embed.pipeline.embed.decode import ALLOWED_FORMATS, check_formats
 from sparse_embed.pipeline.store.tables import ROWS_PER_FILE
 
 from .options import POOLS
@@ -20,6 +21,7 @@ checkpoint: s3://models/bf_t.safetensors
 model_args: {}                    # extra create-model keywords
 pool: token                       # token | avg | gem
 extensions: [.jpg, .jpeg, .png, .webp]
+formats: [JPEG, PNG, WEBP, GIF, TIFF, BMP, AVIF]  # Pillow formats decoded; others: UnsupportedFormat errors (EPS refused)
 batch_size: 32
 decode_batch_size: 32
 compile: false                    # torch.compile the encoder on each actor (pays on long runs)
@@ -43,6 +45,7 @@ class NightlyConfig:
     proj_dim: int | None = None
     extensions: list = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"])
     glob: str | None = None
+    formats: list = field(default_factory=lambda: list(ALLOWED_FORMATS))  # Pillow format names; EPS is refused
     batch_size: int = 32
     decode_batch_size: int = 32
     actors: int | None = None
@@ -89,6 +92,14 @@ def parse(doc) -> NightlyConfig:
         v = doc["extensions"]
         _check("extensions", v, "a list of extensions like ['.jpg', '.png']",
                isinstance(v, list) and v and all(isinstance(e, str) and e.startswith(".") for e in v))
+    if "formats" in doc:
+        v = doc["formats"]
+        _check("formats", v, "a list of Pillow format names like [JPEG, PNG, TGA]",
+               isinstance(v, list) and v and all(isinstance(f, str) for f in v))
+        try:
+            doc = doc | {"formats": list(check_formats(v))}
+        except ValueError as e:
+            raise ValueError(f"nightly config field 'formats': {e}") from None
     for name in ("batch_size", "decode_batch_size", "rows_per_file", "max_attempts"):
         if name in doc:
             v = doc[name]

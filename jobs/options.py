@@ -43,6 +43,16 @@ def positive_float(text: str) -> float:
     return _float_in(text, lambda v: v > 0.0, "a number > 0, e.g. 0.75")
 
 
+def pillow_formats(text: str) -> tuple[str, ...]:
+    """`JPEG,png,TGA` -> ("JPEG", "PNG", "TGA"), checked against Pillow's registered formats."""
+    from sparse_embed.pipeline.embed.decode import check_formats
+
+    try:
+        return check_formats([f for f in text.split(",") if f.strip()])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -70,7 +80,7 @@ def add_encoder_arguments(p: argparse.ArgumentParser, *, default_model: str | No
     g.add_argument("--pool", choices=POOLS, default="token",
                    help="embedding pooling: the model's own pre-logits (token), or average/GeM over the last feature map")
     g.add_argument("--fuse-last-two", action="store_true", help="concatenate pooled features of the last two stages (needs --pool avg|gem)")
-    g.add_argument("--proj-dim", type=positive_int, default=None, help="project embeddings to this width (seeded orthogonal projection)")
+    g.add_argument("--proj-dim", type=positive_int, default=None, help="project embeddings to this width (seeded random-sign projection, scaled by 1/sqrt(dim): keeps inner products in expectation)")
 
 
 def encoder_spec(args) -> dict:

@@ -61,7 +61,10 @@ class EmbedActor:
         n = len(pixels)
         step = self.compile_batch or max(n, 1)
         padded = -(-n // step) * step
-        joined = bytearray(b"".join(pixels) + bytes((padded - n) * 3 * self.height * self.width))  # one writable copy
+        frame = 3 * self.height * self.width
+        joined = bytearray(padded * frame)  # zeros: the padding rows stay zero
+        for i, p in enumerate(pixels):  # each image is copied once, into the writable buffer torch reads
+            joined[i * frame:(i + 1) * frame] = p
         x = torch.from_numpy(np.frombuffer(joined, dtype=np.uint8)).view(padded, 3, self.height, self.width)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)

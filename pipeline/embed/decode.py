@@ -1,9 +1,10 @@
 """Stage 3: fetch + decode on CPU tasks. A bad object becomes an error row, never a failed block.
 
-Output pixels are uint8 (3, H, W) at the encoder's input size, resized and centre-cropped
-exactly as timm's eval transform does (shorter side to floor(size / crop_pct), centre
-crop); normalisation happens on the embed actor, so a block carries 1 byte per value
-instead of 4.
+Output pixels are uint8 (3, H, W) at the encoder's input size, with the geometry of timm's
+eval transform (shorter side to floor(size / crop_pct), centre crop). The pixel values can
+differ slightly from timm's: large JPEGs are decoded in draft mode (libjpeg's DCT scaling,
+1/2 to 1/8) and very large images are resized from the crop box in one step. Normalisation
+happens on the embed actor, so a block carries 1 byte per value instead of 4.
 """
 from __future__ import annotations
 
@@ -26,17 +27,80 @@ class DecompressionBomb(DecodeError):
 
 
 class NotAnImage(DecodeError):
-    pass
+    """No Pillow plugin recognises the bytes as an image."""
+
+
+class UnsupportedFormat(DecodeError):
+    """An image in a format this run does not decode (--formats; EPS never)."""
 
 
 class ETagMismatch(Exception):
     """The object changed between listing and fetch: its bytes are not the listed etag's."""
 
 
-# Formats a photo collection holds. Everything else Pillow could open is refused: EPS
-# would run Ghostscript on the bytes, and rarely used parsers are where decoder bugs live.
+# The default of --formats: what a photo collection holds. Other formats are refused unless
+# named there, because rarely used parsers are where decoder bugs live.
 # (Pillow's JPEG opener also returns camera MPO files, as format "MPO".)
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "AVIF")
+FORMATS_OPTION = "--formats (nightly config: formats)"
+
+# Pillow renders EPS by running Ghostscript on the bytes (EpsImagePlugin.load). Objects
+# starting with the magic its plugin accepts ("%!PS", or the DOS EPS binary header) are
+# refused before Pillow sees them, and --formats does not accept EPS.
+EPS_MAGIC = (b"%!PS", b"\xc5\xd0\xd3\xc6")
+GHOSTSCRIPT_FORMATS = ("EPS", "PS")
+
+
+def decodable_formats() -> tuple[str, ...]:
+    """The names --formats accepts: every format Pillow can open, except EPS."""
+    from PIL import Image
+
+    Image.init()
+    return tuple(sorted(f for f in Image.OPEN if f not in GHOSTSCRIPT_FORMATS))
+
+
+def check_formats(names) -> tuple[str, ...]:
+    """Pillow format names in any case -> upper-case names, first occurrence kept.
+    ValueError names the first bad one and lists what is accepted."""
+    if isinstance(names, str) or not names:
+        raise ValueError(f"Expected a non-empty list of Pillow format names, got {names!r}")
+    accepted = decodable_formats()
+    out: list[str] = []
+    for name in names:
+        key = name.strip().upper() if isinstance(name, str) else name
+        if key in GHOSTSCRIPT_FORMATS:
+            raise ValueError(f"Expected formats other than EPS/PS, got {name!r}: Pillow decodes it by running "
+                             f"Ghostscript on the object's bytes, which this job never does")
+        if key not in accepted:
+            raise ValueError(f"Expected Pillow format names ({', '.join(accepted)}), got {name!r}")
+        if key not in out:
+            out.append(key)
+    return tuple(out)
+
+
+def _refuse_unallowed(data: bytes, allowed: tuple[str, ...]) -> DecodeError:
+    """The error for bytes that no allowed plugin opened: UnsupportedFormat when another
+    Pillow plugin recognises them, else NotAnImage. Image.open only reads the header."""
+    from PIL import Image
+
+    if data.startswith(EPS_MAGIC):
+        return UnsupportedFormat(f"format EPS (PostScript) is never decoded: Pillow renders it by running "
+                                 f"Ghostscript on the bytes, so {FORMATS_OPTION} does not accept EPS")
+    try:
+        with Image.open(io.BytesIO(data), formats=decodable_formats()) as img:
+            detected = img.format
+    except Image.DecompressionBombError as e:
+        return DecompressionBomb(str(e))
+    except Exception:  # UnidentifiedImageError, or a header parser that gave up part way
+        detected = None
+    # The name --formats takes: Pillow's JPEG opener reports camera files as "MPO", and
+    # XVThumbImageFile.format is "XVThumb" under the registered name "XVTHUMB".
+    name = {"MPO": "JPEG"}.get(detected, detected.upper()) if detected else None
+    if name and name not in allowed:
+        return UnsupportedFormat(f"format {detected} is not among the decoded formats {', '.join(allowed)}; "
+                                 f"add {name} to {FORMATS_OPTION} to decode it")
+    return NotAnImage(f"not a readable image of the allowed formats {', '.join(allowed)} "
+                      f"(starts with {bytes(data[:8])!r})")
 
 
 @dataclass(frozen=True)
@@ -90,18 +154,21 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, plan: ResizePlan, *, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """bytes -> (uint8 array (3, H, W), original width, original height)."""
+def decode_image(data: bytes, plan: ResizePlan, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 formats: tuple[str, ...] = ALLOWED_FORMATS):
+    """bytes -> (uint8 array (3, H, W), original width, original height). `formats`: the
+    Pillow formats decoded, as check_formats returns them (upper case, no EPS)."""
     import numpy as np
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise NotAnImage("empty object (0 bytes)")
+    if data.startswith(EPS_MAGIC):  # before any plugin: EPS is never opened
+        raise _refuse_unallowed(data, formats)
     try:
-        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        img = Image.open(io.BytesIO(data), formats=formats)
     except UnidentifiedImageError:
-        raise NotAnImage(f"not a readable image of the allowed formats {', '.join(ALLOWED_FORMATS)} "
-                         f"(starts with {bytes(data[:8])!r})") from None
+        raise _refuse_unallowed(data, formats) from None
     except Image.DecompressionBombError as e:  # Pillow's own guard, at twice its MAX_IMAGE_PIXELS
         raise DecompressionBomb(str(e)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # a header that parses partly
@@ -161,7 +228,7 @@ def resize_and_crop(img, plan: ResizePlan):
     left = int(round((new_w - plan.width) / 2.0))
     if (new_w, new_h) == (w, h):
         return img.crop((left, top, left + plan.width, top + plan.height))
-    if new_w * new_h <= 16 * plan.width * plan.height:  # exactly timm's resize, then crop
+    if new_w * new_h <= 16 * plan.width * plan.height:  # timm's resize (PIL, same filter), then crop
         img = img.resize((new_w, new_h), _resample(plan.interpolation))
         return img.crop((left, top, left + plan.width, top + plan.height))
     sx, sy = w / new_w, h / new_h  # source pixels per resized pixel
@@ -255,13 +322,16 @@ def fetch_many(uris: list[str], etags: list[str | None] | None = None,
     return _fetch_local(uris, etags, sizes)
 
 
-def fetch_decode_batch(batch, *, data_config: dict, max_pixels: int = DEFAULT_MAX_PIXELS):
+def fetch_decode_batch(batch, *, data_config: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       formats: tuple[str, ...] | None = None):
     """Ray Data map_batches function: pyarrow batch of listing rows -> the same rows with
-    width, height, pixels (uint8 bytes) and the three error columns."""
+    width, height, pixels (uint8 bytes) and the three error columns. `formats`: Pillow
+    format names to decode (None: ALLOWED_FORMATS); a bad name fails the batch."""
     import pyarrow as pa
 
     from sparse_embed.pipeline.embed.report import redact_text
 
+    allowed = ALLOWED_FORMATS if formats is None else check_formats(formats)
     plan = ResizePlan.from_data_config(data_config)
     uris = batch.column("uri").to_pylist()
     cols = set(batch.column_names)
@@ -275,7 +345,7 @@ def fetch_decode_batch(batch, *, data_config: dict, max_pixels: int = DEFAULT_MA
             stage, etype, msg = "fetch", type(data).__name__, redact_text(str(data) or type(data).__name__)
         else:
             try:
-                arr, w, h = decode_image(bytes(data), plan, max_pixels=max_pixels)
+                arr, w, h = decode_image(bytes(data), plan, max_pixels=max_pixels, formats=allowed)
                 px = arr.tobytes()
             except DecodeError as e:
                 stage, etype, msg = "decode", type(e).__name__, str(e)

@@ -6,8 +6,9 @@ made of size and mtime (there is no content hash to read cheaply).
 Big buckets list in parallel by prefix, as Ray tasks that stream into the listing table:
 each task pages through its prefixes (1,000 keys per S3 call) and writes Parquet parts of
 at most LISTING_ROWS_PER_FILE rows into the table's directory; the driver commits all the
-parts in one overwrite. No listing passes through the driver, and a task holds at most
-one part plus one page per prefix it is listing.
+parts in one overwrite. A task holds at most one part plus one page per prefix it is
+listing; the driver then reads the committed listing back and sorts it by uri for the diff
+(`list_objects`), so its memory still grows with the bucket.
 """
 from __future__ import annotations
 

@@ -47,6 +47,7 @@ class EmbedConfig:
     actors: int | None = None  # None: one per GPU, else one
     actor_cpus: float | None = None  # None: 1 with GPUs; up to CPU_ACTOR_SHARE without (plan_actors)
     max_pixels: int = 178_956_970
+    formats: tuple[str, ...] | None = None  # Pillow formats decoded (--formats); None: decode.ALLOWED_FORMATS. Not in model_version
     max_error_rate: float = 1.0  # failed / processed above this makes the run fail (exit 1)
     max_attempts: int = 3  # failures at one etag before an object is no longer retried
     parallel_listing: bool = True  # one Ray task per top-level prefix of the source
@@ -156,7 +157,8 @@ def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tu
         n_blocks = min(MAX_BLOCKS, max(-(-todo.num_rows // cfg.decode_batch_size), min(todo.num_rows, 2 * pool["size"])))
         ds = ray.data.from_arrow(block_slices(todo, n_blocks))
         ds = ds.map_batches(fetch_decode_batch, batch_format="pyarrow", batch_size=cfg.decode_batch_size,
-                            num_cpus=pool["decode_cpus"], fn_kwargs={"data_config": enc.data_config, "max_pixels": cfg.max_pixels})
+                            num_cpus=pool["decode_cpus"], fn_kwargs={"data_config": enc.data_config, "max_pixels": cfg.max_pixels,
+                                                                      "formats": cfg.formats})
         ds = ds.map_batches(
             EmbedActor, batch_format="pyarrow", batch_size=cfg.embed_batch_size,
             fn_constructor_kwargs={"spec": cfg.spec, "expected_version": enc.model_version,
@@ -252,7 +254,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
 
         with timer.stage("index"):
             # Adds and removes the difference on the current index; rebuilds when there is
-            # none, the model changed, or the table outgrew the plan (pipeline/index_update.py).
+            # none, the model changed, or the table outgrew the plan (pipeline/index/update.py).
             manifest = update_index(UpdateConfig(tables.table_uri(cfg.out, tables.EMBEDDINGS), report.index_root(cfg.out),
                                     shards=cfg.index_shards))
             index_id = manifest["index_id"] if manifest else None

@@ -8,7 +8,7 @@ markers name (`recover_pending`) before diffing, so finished work is kept, and n
 is committed twice: a marker whose file is already in the table is only deleted.
 
 The sink also sums the embed actors' forward-pass seconds that ride on each row
-(`embed_seconds`, `embed_actor`, from pipeline/embed_actor.py): how busy the encoder was.
+(`embed_seconds`, `embed_actor`, from pipeline/embed/actor.py): how busy the encoder was.
 """
 from __future__ import annotations
 

@@ -158,7 +158,8 @@ def vectors_for_ids(table_uri: str, version: int | None, image_ids: list[int]):
 
 
 def embed_queries(images: list[str], manifest: dict):
-    """Embed query images (paths or URIs) exactly as the pipeline embedded the table."""
+    """Embed query images (paths or URIs) with the encoder spec the index records, through the
+    pipeline's decode and resize (on this machine's CPU, in fp32)."""
     import numpy as np
 
     from sparse_embed.pipeline.embed.decode import ResizePlan, decode_image

@@ -1,4 +1,4 @@
-"""The Delta tables under an output prefix, and their schemas (DESIGN.md, data contracts).
+"""The Delta tables under an output prefix, and their schemas (README.md, "What it writes").
 
 <out>/embeddings  one row per embedded object
 <out>/errors      one row per object whose latest attempt failed

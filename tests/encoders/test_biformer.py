@@ -186,7 +186,7 @@ def test_forward_any_size(name, size):
 
 def test_authors_names_and_shapes():
     sd = to_authors_state_dict(timm.create_model("biformer_tiny").state_dict())
-    expected = {  # from ENCODERS.md
+    expected = {  # the authors' released configs
         "downsample_layers.0.0.weight": (32, 3, 3, 3), "downsample_layers.0.3.weight": (64, 32, 3, 3),
         "downsample_layers.0.4.num_batches_tracked": (), "downsample_layers.2.0.weight": (256, 128, 3, 3),
         "stages.0.1.pos_embed.weight": (64, 1, 3, 3), "stages.0.0.attn.lepe.weight": (64, 1, 5, 5),

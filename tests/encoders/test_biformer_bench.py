@@ -1,4 +1,4 @@
-"""`sparse-embed bench encoders` (jobs/bench_encoders.py): case selection, skip rules, the table,
+"""`sparse-embed bench encoders` (benchmarks/encoders.py): case selection, skip rules, the table,
 and one real end-to-end run at a tiny size."""
 from __future__ import annotations
 

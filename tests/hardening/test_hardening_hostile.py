@@ -2,7 +2,7 @@
 input keys are; the local object store (the demo's and the tests') listens on loopback only.
 
 A checkpoint carrying a pickle payload is refused without running it: that test lives
-beside the checkpoint loader, tests/test_encoder_interface.py::test_pickle_payload_is_refused_without_running.
+beside the checkpoint loader, tests/encoders/test_encoder_interface.py::test_pickle_payload_is_refused_without_running.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The local object store: credentials enforced, restart keeps the endpoint (loopback-only
-listening is checked in tests/test_hardening_hostile.py)."""
+listening is checked in tests/hardening/test_hardening_hostile.py)."""
 from __future__ import annotations
 
 import socket

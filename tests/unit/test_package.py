@@ -16,10 +16,18 @@ PACKAGES = ("pipeline", "encoders", "jobs", "infra")
 
 
 def _wheel(tmp_path) -> Path:
+    """A wheel built from a copy of the checkout (setuptools leaves build/ behind in the
+    tree it builds from, and a stale build/ would leak into the next wheel)."""
+    import shutil
+
     import setuptools
 
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
+                                                             ".pytest_cache"))
+
     isolation = [] if int(setuptools.__version__.split(".")[0]) >= 68 else ["--use-pep517"]
-    args = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)]
+    args = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(src)]
     if not isolation:
         args.insert(5, "--no-build-isolation")
     subprocess.run(args, check=True, capture_output=True, text=True, timeout=300)

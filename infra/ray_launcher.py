@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -22,16 +23,25 @@ def forwarded_env(*, secrets: bool = True) -> dict[str, str]:
             if k.startswith(_FORWARDED_PREFIXES) and (secrets or k not in SECRET_VARS)}
 
 
+def verbose() -> bool:
+    """Ray and Ray Data speak at INFO, and workers' output reaches the driver, only when this
+    project's own loggers are at DEBUG (the CLI's -v)."""
+    return logging.getLogger("sparse_embed").isEnabledFor(logging.DEBUG)
+
+
 def ensure_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
     """Initialise Ray once; returns the cluster's resources."""
     import ray
 
+    loud = verbose()
     if not ray.is_initialized():
+        # logging_level: the driver's "ray" logger ("Started a local Ray instance" is INFO).
+        verbosity = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.WARNING}
         runtime_env = {"env_vars": forwarded_env()}
         address = os.environ.get("RAY_ADDRESS")
         if address:
             log.info("connecting to Ray at %s", address)
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=address, runtime_env=runtime_env, **verbosity)
         else:
             log.info("starting a local Ray")
             # Its workers inherit this process's environment: secrets need not (and must
@@ -39,5 +49,11 @@ def ensure_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> d
             runtime_env = {"env_vars": forwarded_env(secrets=False)}
             # address="local": never attach to some other Ray that happens to run on this host.
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, runtime_env=runtime_env,
-                     include_dashboard=False, log_to_driver=True)
+                     include_dashboard=False, **verbosity)
+    if "ray.data" in sys.modules:  # configured when imported: callers import it before ensure_ray
+        # Ray Data's console handler prints plans, progress and sink summaries at INFO;
+        # its file handler (ray-data.log in the session's logs) keeps them all.
+        for handler in logging.getLogger("ray.data").handlers:
+            if handler.get_name() == "console":
+                handler.setLevel(logging.INFO if loud else logging.WARNING)
     return ray.cluster_resources()

@@ -1,8 +1,10 @@
 """`sparse-embed`: one subcommand per flow, each in its own module under jobs/.
 
 Heavy imports (torch, ray, faiss) happen inside the commands, so `--help` is instant.
-User errors (ValueError, FileNotFoundError) print one clear line and exit 2; a failed
-run exits 1.
+Bad input or configuration (ValueError, FileNotFoundError, PermissionError: a missing
+SOURCE, rejected credentials, an unknown bucket, an OUT that cannot be written, no index)
+prints one line naming the cause and the fix and exits 2; a failed run prints one line and
+exits 1. Storage errors are explained by pipeline.store.storage.explain; -v adds the traceback.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
 # subcommand -> (module under jobs/, one-line help)
 COMMANDS = {
@@ -41,27 +44,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Libraries that log routine work at INFO (botocore's "Found credentials", Ray's start-up):
+# at default verbosity only their warnings show; -v shows everything. Ray resets its own
+# loggers when it starts: infra.ray_launcher.ensure_ray quiets them again.
+QUIET_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "fsspec", "urllib3", "deltalake", "ray", "filelock", "asyncio")
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)  # exit 2: the input or the configuration is wrong
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every failed SIMD variant
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+
+
+def check_inputs(args) -> None:
+    """Before index build/update and nightly do any work: the URIs they read are readable and
+    the prefix they write takes a write (embed and search check theirs in their modules)."""
+    from sparse_embed.pipeline.store import storage
+
+    if args.command == "index":
+        storage.check_readable(args.table, role="--table")
+        storage.check_writable(args.out, role="--out")
+    elif args.command == "nightly" and not args.check:
+        from sparse_embed.pipeline.embed.listing import check_source
+
+        from .nightly_config import load
+
+        cfg = load(args.config)
+        check_source(cfg.source, tuple(cfg.extensions), cfg.glob, role="source", flags=("extensions", "glob"))
+        storage.check_writable(cfg.out, role="out")
+
+
+def _remote_cause(e: BaseException) -> BaseException:
+    """Ray re-raises a task's exception as RayTaskError(<its type>), whose text is the whole
+    remote traceback: report the exception itself."""
+    while type(e).__module__.startswith("ray.") and isinstance(getattr(e, "cause", None), BaseException):
+        e = e.cause
+    return e
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every failed SIMD variant
+    setup_logging(args.verbose)
     from sparse_embed.pipeline.embed.report import redact_text
+    from sparse_embed.pipeline.store.storage import explain
 
     try:
+        check_inputs(args)
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"sparse-embed {args.command}: error: {redact_text(str(e))}", file=sys.stderr)
-        return 2
-    except (OSError, RuntimeError) as e:  # the store, the cluster or a stage failed: one line, details at -v
-        logging.getLogger("sparse_embed").debug("failure", exc_info=True)
-        print(f"sparse-embed {args.command}: failed: {type(e).__name__}: {redact_text(str(e))[:2000]}\n"
-              f"(rerun the same command to resume; -v shows the traceback)", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"sparse-embed {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.verbose:
+            print(redact_text("".join(traceback.format_exception(e))), file=sys.stderr, end="")
+        clear = explain(e) or _remote_cause(e)
+        if isinstance(clear, USER_ERRORS):
+            print(f"sparse-embed {args.command}: error: {redact_text(str(clear))}", file=sys.stderr)
+            return 2
+        print(f"sparse-embed {args.command}: failed: {type(clear).__name__}: {redact_text(str(clear))[:2000]}\n"
+              f"(rerun the same command to resume; -v shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

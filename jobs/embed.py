@@ -52,9 +52,25 @@ def run(args) -> int:
         actors=args.actors, actor_cpus=args.actor_cpus, max_pixels=args.max_pixels, formats=tuple(args.formats),
         max_error_rate=args.max_error_rate, max_attempts=args.max_attempts, build_index=args.build_index, index_shards=args.index_shards,
     )
+    check_inputs(cfg)
     result = run_embed(cfg)
     print(summary(result), end="")
     if result["error_rate"] > cfg.max_error_rate:
         print(f"error rate {result['error_rate']:.2%} exceeds --max-error-rate {cfg.max_error_rate:.2%}")
         return 1
     return 0
+
+
+def check_inputs(cfg) -> None:
+    """Before any work (and before Ray starts): the encoder name, then SOURCE holds matching
+    objects, then OUT takes a write. Each failure is one line naming the cause and the fix."""
+    import timm
+
+    from sparse_embed.encoders import EncoderSpec, create_encoder
+    from sparse_embed.pipeline.embed.listing import check_source
+    from sparse_embed.pipeline.store.storage import check_writable
+
+    if not timm.is_model(cfg.spec["model"]):
+        create_encoder(EncoderSpec.from_dict(cfg.spec))  # checks the name first: raises the ValueError naming close ones
+    check_source(cfg.source, cfg.extensions, cfg.glob)
+    check_writable(cfg.out, role="--out")

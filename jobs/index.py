@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import non_negative_float, positive_int, recall_target
+from .options import add_lock_arguments, non_negative_float, positive_int, recall_target
 
 
 def memory_size(text: str) -> int:
@@ -23,6 +23,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="parallel build slices, one Ray task each (default: one per CPU, at most one per table file)")
     p.add_argument("--target-recall", type=recall_target, default=0.95,
                    help="recall@10 against exact search that tuning picks nprobe/efSearch for (default 0.95)")
+    add_lock_arguments(p)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,17 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    if args.index_command == "update":
-        from sparse_embed.pipeline.index.update import UpdateConfig, update_index
+    import uuid
 
-        manifest = update_index(UpdateConfig(args.table, args.out, version=args.version, memory_budget=args.memory_budget,
-                                target_recall=args.target_recall, rebuild_growth=args.rebuild_growth,
-                                force_rebuild=args.force_rebuild, shards=args.shards))
-    else:
-        from sparse_embed.pipeline.index.build import BuildConfig, build_index
+    from sparse_embed.pipeline.store.lock import lock_root_of_index, output_lock
 
-        manifest = build_index(BuildConfig(args.table, args.out, shards=args.shards, version=args.version, memory_budget=args.memory_budget,
-                               nlist=args.nlist, layout=args.layout, target_recall=args.target_recall))
+    owner = f"index-{args.index_command}-{uuid.uuid4().hex[:8]}"
+    with output_lock(lock_root_of_index(args.out), owner=owner, wait_s=args.wait):
+        manifest = _build_or_update(args)
     if manifest is None:
         print("table is empty: no index built")
         return 0
@@ -71,3 +68,17 @@ def run(args) -> int:
           f"{len(manifest['shards'])} file(s), table v{manifest['table_version']}, recall@10 {manifest['recall_at_10']:.4f}, "
           f"search {manifest['search_params'] or 'exact'}")
     return 0
+
+
+def _build_or_update(args) -> dict | None:
+    if args.index_command == "update":
+        from sparse_embed.pipeline.index.update import UpdateConfig, update_index
+
+        return update_index(UpdateConfig(args.table, args.out, version=args.version, memory_budget=args.memory_budget,
+                                         target_recall=args.target_recall, rebuild_growth=args.rebuild_growth,
+                                         force_rebuild=args.force_rebuild, shards=args.shards))
+    from sparse_embed.pipeline.index.build import BuildConfig, build_index
+
+    return build_index(BuildConfig(args.table, args.out, shards=args.shards, version=args.version,
+                                   memory_budget=args.memory_budget, nlist=args.nlist, layout=args.layout,
+                                   target_recall=args.target_recall))

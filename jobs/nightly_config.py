@@ -99,7 +99,7 @@ def parse(doc) -> NightlyConfig:
         try:
             doc = doc | {"formats": list(check_formats(v))}
         except ValueError as e:
-            raise ValueError(f"nightly config field 'formats': {e}") from None
+            raise ValueError(f"nightly config field 'formats': {str(e)[:1].lower()}{str(e)[1:]}") from None
     for name in ("batch_size", "decode_batch_size", "rows_per_file", "max_attempts"):
         if name in doc:
             v = doc[name]

@@ -50,7 +50,7 @@ def pillow_formats(text: str) -> tuple[str, ...]:
     try:
         return check_formats([f for f in text.split(",") if f.strip()])
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(f"{str(e)[:1].lower()}{str(e)[1:]}") from None
 
 
 def positive_int(text: str) -> int:
@@ -88,3 +88,9 @@ def encoder_spec(args) -> dict:
 
     return EncoderSpec(model=args.model, checkpoint=args.checkpoint, model_args=dict(args.model_args),
                        pool=args.pool, fuse_last_two=args.fuse_last_two, proj_dim=args.proj_dim).to_dict()
+
+
+def add_lock_arguments(p: argparse.ArgumentParser) -> None:
+    """--wait for every command that writes under an output (it holds the output lock)."""
+    p.add_argument("--wait", type=non_negative_float, default=0.0, metavar="SECONDS",
+                   help="when another run holds the output lock, wait up to this long for it (default 0: exit 3 at once)")

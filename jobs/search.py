@@ -25,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from sparse_embed.pipeline.view.contact_sheet import contact_sheet
     from sparse_embed.pipeline.index.searcher import ShardedIndex, embed_queries
+    from sparse_embed.pipeline.store.storage import check_readable
 
+    check_readable(args.index, role="--index")  # credentials and bucket, named before the index is read
     index = ShardedIndex.open(args.index, index_id=args.index_id)
     if args.image_id:
         vectors, uris = index.vectors_for_ids(args.image_id)

@@ -33,6 +33,13 @@ class NotAnImage(DecodeError):
 class UnsupportedFormat(DecodeError):
     """An image in a format this run does not decode (--formats; EPS never)."""
 
+    def __init__(self, message: str, detected: str):
+        super().__init__(message)
+        self.detected = detected  # the format name --formats takes, e.g. "TGA"
+
+    def __reduce__(self):  # picklable with both arguments (Ray moves exceptions between processes)
+        return type(self), (str(self), self.detected)
+
 
 class ETagMismatch(Exception):
     """The object changed between listing and fetch: its bytes are not the listed etag's."""
@@ -80,12 +87,13 @@ def check_formats(names) -> tuple[str, ...]:
 
 def _refuse_unallowed(data: bytes, allowed: tuple[str, ...]) -> DecodeError:
     """The error for bytes that no allowed plugin opened: UnsupportedFormat when another
-    Pillow plugin recognises them, else NotAnImage. Image.open only reads the header."""
+    Pillow plugin recognises them, else NotAnImage. Image.open runs the plugins' header
+    parsers only: nothing is loaded, so no decoder runs."""
     from PIL import Image
 
     if data.startswith(EPS_MAGIC):
         return UnsupportedFormat(f"format EPS (PostScript) is never decoded: Pillow renders it by running "
-                                 f"Ghostscript on the bytes, so {FORMATS_OPTION} does not accept EPS")
+                                 f"Ghostscript on the bytes, so {FORMATS_OPTION} does not accept EPS", "EPS")
     try:
         with Image.open(io.BytesIO(data), formats=decodable_formats()) as img:
             detected = img.format
@@ -98,7 +106,7 @@ def _refuse_unallowed(data: bytes, allowed: tuple[str, ...]) -> DecodeError:
     name = {"MPO": "JPEG"}.get(detected, detected.upper()) if detected else None
     if name and name not in allowed:
         return UnsupportedFormat(f"format {detected} is not among the decoded formats {', '.join(allowed)}; "
-                                 f"add {name} to {FORMATS_OPTION} to decode it")
+                                 f"add {name} to {FORMATS_OPTION} to decode it", name)
     return NotAnImage(f"not a readable image of the allowed formats {', '.join(allowed)} "
                       f"(starts with {bytes(data[:8])!r})")
 

@@ -227,3 +227,83 @@ def list_objects(source: str, *, extensions: tuple[str, ...] = DEFAULT_EXTENSION
             table = tables.read_columns(into, listing_schema().names).cast(listing_schema()).sort_by("uri")
     log.info("listed %d objects under %s", table.num_rows, source)
     return table
+
+
+CHECK_MAX_KEYS = 100_000  # keys check_source reads looking for a match; past that, the job's own listing decides
+
+
+def check_source(source: str, extensions: tuple[str, ...], glob: str | None, *, role: str = "SOURCE",
+                 flags: tuple[str, str] = ("--ext", "--glob")) -> None:
+    """Fail before any work when `source` does not exist or holds no object that `matches`,
+    naming `role` and the filter (`flags`: the option names). Reads listing pages until the
+    first match; storage errors (credentials, unknown bucket) are explained."""
+    root = storage.strip_scheme(source).rstrip("/")
+    try:
+        scan = _scan_s3 if storage.is_s3(source) else _scan_local
+        listed, example, found, missing = scan(source, root, extensions, glob)
+    except Exception as e:
+        clear = storage.explain(e, source, role=role)
+        if clear is None:
+            raise
+        raise clear from e
+    if found or listed >= CHECK_MAX_KEYS:
+        return
+    spec = f"{flags[0]} {','.join(extensions) or '(any)'}" + (f" {flags[1]} {glob!r}" if glob else "")
+    if not listed:
+        raise FileNotFoundError(f"No images to embed: {role} {source!r} {'does not exist' if missing else 'holds no objects'} "
+                                f"(0 objects listed, filter {spec}): check {role}")
+    raise FileNotFoundError(f"No images to embed: none of the {listed} objects listed under {role} {source!r} matches "
+                            f"{spec} (e.g. {example!r}): check {flags[0]} and {flags[1]}")
+
+
+def _scan_local(source: str, root: str, extensions, glob) -> tuple[int, str | None, bool, bool]:
+    """(objects listed, an example path, whether one matches, whether `root` is missing)."""
+    import os
+
+    if os.path.isfile(root):
+        return 1, root, matches(root, extensions, glob), False
+    if not os.path.isdir(root):
+        return 0, None, False, True
+    listed, example = 0, None
+    for d, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(d, name)
+            listed += 1
+            example = example or path
+            if matches(path, extensions, glob):
+                return listed, path, True, False
+            if listed >= CHECK_MAX_KEYS:
+                return listed, example, False, False
+    return listed, example, False, False
+
+
+def _scan_s3(source: str, root: str, extensions, glob) -> tuple[int, str | None, bool, bool]:
+    from fsspec.asyn import sync
+
+    fs = storage.filesystem(source)
+
+    async def scan():
+        listed, example = 0, None
+        pages = _s3_pages(fs, root)
+        try:
+            async for page in pages:
+                for path in page:
+                    listed += 1
+                    example = example or storage.with_scheme(path, source)
+                    if matches(path, extensions, glob):
+                        return listed, storage.with_scheme(path, source), True, False
+                if listed >= CHECK_MAX_KEYS:
+                    break
+        finally:
+            await pages.aclose()
+        return listed, example, False, False
+
+    result = sync(fs.loop, scan)
+    if not result[0] and "/" in root:  # SOURCE may name one object
+        try:
+            info = fs.info(root)
+        except FileNotFoundError:
+            return result
+        if info.get("type") == "file":
+            return 1, source, matches(root, extensions, glob), False
+    return result

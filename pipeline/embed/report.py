@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 
 from sparse_embed.pipeline.store import storage
 
@@ -36,6 +37,66 @@ def redact(obj):
 
 def index_root(out: str) -> str:
     return storage.join(out, "index")
+
+
+@dataclass
+class RunFacts:
+    """What run_embed counted and measured; build_report turns it into the run report."""
+
+    counts: dict  # diff.Diff.counts: listed, new, changed, deleted, unchanged, retried, gave_up
+    processed: int  # objects tried this run (rows of the diff's todo)
+    first_tries: int  # of those, tried for the first time at their etag
+    embedded: int  # embedding rows this run committed
+    failed_by_reason: dict  # "stage:error_type" -> error rows of this run
+    failed_first: int  # error rows of this run at their first attempt
+    recovered: int  # rows of an interrupted run committed by the recover stage
+    pool: dict  # the embed actor pool (run.plan_actors); {} when nothing was tried
+    embed_seconds: dict  # embed actor -> seconds of forward passes
+    embed_stage_s: float  # wall seconds of the fetch+decode+embed+write stage (0 when it did not run)
+    timings_s: dict  # stage -> seconds (StageTimer.as_dict)
+    wall_s: float
+    versions_before: dict  # table -> Delta version before the run (of the tables the run wrote)
+    versions_after: dict  # table -> Delta version of <out>'s tables after the run
+    promoted: bool  # staged tables of a new model_version replaced <out>'s
+    index_id: str | None  # the index published by this run; None when none was due or the table is empty
+
+
+def busy_report(embed_seconds: dict, pool: dict, stage_s: float) -> dict:
+    """How busy the encoder kept the actors: forward-pass seconds (copies to and from the
+    device included) over the stage's wall time, per actor and averaged over the pool
+    (an actor that never got a batch counts as idle). With one actor per GPU, `fraction`
+    is the share of the stage the GPUs spent embedding."""
+    size = pool.get("size") or 0
+    if not size or stage_s <= 0:
+        return {"fraction": 0.0, "by_actor": {}}
+    return {"fraction": round(sum(embed_seconds.values()) / (size * stage_s), 4),
+            "by_actor": {a: round(s / stage_s, 4) for a, s in sorted(embed_seconds.items())}}
+
+
+def build_report(cfg, enc, facts: RunFacts) -> dict:
+    """The run report: cfg is the run's EmbedConfig, enc its encoder (spec, model_version, dim).
+    The error rate counts objects tried for the first time at their etag: a known-bad
+    object failing its retry again must not fail every night until max_attempts."""
+    f = facts
+    return {
+        "run_id": cfg.run_id,
+        "config": redact(cfg.__dict__ | {"spec": cfg.spec}),
+        "model": enc.spec.model,
+        "model_version": enc.model_version,
+        "dim": enc.dim,
+        "counts": f.counts | {"processed": f.processed, "embedded": f.embedded, "failed": sum(f.failed_by_reason.values()),
+                              "failed_by_reason": f.failed_by_reason, "failed_first_try": f.failed_first,
+                              "recovered_rows": f.recovered},
+        "error_rate": (f.failed_first / f.first_tries) if f.first_tries else 0.0,
+        "actor_pool": f.pool,
+        "embed_busy": busy_report(f.embed_seconds, f.pool, f.embed_stage_s),
+        "timings_s": f.timings_s,
+        "wall_s": f.wall_s,
+        "throughput_images_per_s": (f.processed / f.embed_stage_s) if f.processed else 0.0,
+        "table_versions": {"before": f.versions_before, "after": f.versions_after},
+        "promoted_model_version": enc.model_version if f.promoted else None,
+        "index_id": f.index_id,
+    }
 
 
 def write_run_report(out: str, result: dict) -> str:

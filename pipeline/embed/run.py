@@ -31,6 +31,7 @@ from sparse_embed.pipeline.embed.timing import StageTimer
 log = logging.getLogger(__name__)
 
 MAX_BLOCKS = 10_000  # bounds scheduling overhead for very large runs
+EMBED_STAGE = "fetch+decode+embed+write"  # its seconds give the report's throughput and busy fraction
 
 
 @dataclass
@@ -138,49 +139,60 @@ def promote(out: str, root: str, enc) -> dict:
 
 
 def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tuple[int, dict, dict]:
-    """Run Ray Data over `todo`; returns (rows embedded, actor pool, forward-pass seconds by actor)."""
+    """Run Ray Data over `todo`; returns (rows embedded, actor pool, forward-pass seconds by actor).
+    The stage's progress counts the rows leaving the embed actors (on a RowCounter), and at
+    the end the rows the sink committed."""
     import ray
 
     from sparse_embed.infra.ray_launcher import ensure_ray
 
-    from sparse_embed.pipeline.embed.decode import fetch_decode_batch
-    from sparse_embed.pipeline.embed.actor import EmbedActor
+    from sparse_embed.pipeline.embed.progress import RowCounter
     from sparse_embed.pipeline.embed.sink import EmbeddingTableSink
 
     with timer.stage("ray"):
         resources = ensure_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the stage shows its own (progress.py); False also drops the per-operator bars
+    ctx.enable_operator_progress_bars = False
+    # Ray Data then logs a warning once that says how to turn its bars back on.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     pool = plan_actors(resources, actors=cfg.actors, actor_cpus=cfg.actor_cpus)
     sink = EmbeddingTableSink(root, run_id=cfg.run_id, dim=enc.dim, rows_per_file=cfg.rows_per_file)
-    with timer.stage("fetch+decode+embed+write"):
-        # One decode batch per block, and at least two blocks per actor so none idles. The
-        # driver slices the table into blocks itself: no repartition task.
-        n_blocks = min(MAX_BLOCKS, max(-(-todo.num_rows // cfg.decode_batch_size), min(todo.num_rows, 2 * pool["size"])))
-        ds = ray.data.from_arrow(block_slices(todo, n_blocks))
-        ds = ds.map_batches(fetch_decode_batch, batch_format="pyarrow", batch_size=cfg.decode_batch_size,
-                            num_cpus=pool["decode_cpus"], fn_kwargs={"data_config": enc.data_config, "max_pixels": cfg.max_pixels,
-                                                                      "formats": cfg.formats})
-        ds = ds.map_batches(
-            EmbedActor, batch_format="pyarrow", batch_size=cfg.embed_batch_size,
-            fn_constructor_kwargs={"spec": cfg.spec, "expected_version": enc.model_version,
-                                   "cpu_threads": None if pool["num_gpus"] else max(1, int(pool["num_cpus"])),
-                                   "compile_batch": cfg.embed_batch_size if cfg.compile else None},
-            compute=ray.data.ActorPoolStrategy(size=pool["size"]),
-            num_gpus=pool["num_gpus"], num_cpus=pool["num_cpus"],
-        )
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": pool["decode_cpus"]})
+    counter = RowCounter()
+    try:
+        with timer.stage(EMBED_STAGE, unit="images", total=todo.num_rows, poll=counter.rows) as progress:
+            _write_embeddings(cfg, todo, enc, pool, sink, counter.handle)
+            progress.update(sum(sink.result.rows.values()))
+    finally:
+        counter.close()
     return sink.result.rows.get(tables.EMBEDDINGS, 0), pool, sink.result.embed_seconds
 
 
-def busy_report(embed_seconds: dict, pool: dict, stage_s: float) -> dict:
-    """How busy the encoder kept the actors: forward-pass seconds (copies to and from the
-    device included) over the stage's wall time, per actor and averaged over the pool
-    (an actor that never got a batch counts as idle). With one actor per GPU, `fraction`
-    is the share of the stage the GPUs spent embedding."""
-    size = pool.get("size") or 0
-    if not size or stage_s <= 0:
-        return {"fraction": 0.0, "by_actor": {}}
-    return {"fraction": round(sum(embed_seconds.values()) / (size * stage_s), 4),
-            "by_actor": {a: round(s / stage_s, 4) for a, s in sorted(embed_seconds.items())}}
+def _write_embeddings(cfg: EmbedConfig, todo, enc, pool: dict, sink, counter) -> None:
+    """fetch+decode tasks -> embed actors (which add each batch's rows to `counter`) -> `sink`."""
+    import ray
+
+    from sparse_embed.pipeline.embed.decode import fetch_decode_batch
+    from sparse_embed.pipeline.embed.actor import EmbedActor
+    from sparse_embed.pipeline.embed.progress import CountRows
+
+    # One decode batch per block, and at least two blocks per actor so none idles. The
+    # driver slices the table into blocks itself: no repartition task.
+    n_blocks = min(MAX_BLOCKS, max(-(-todo.num_rows // cfg.decode_batch_size), min(todo.num_rows, 2 * pool["size"])))
+    ds = ray.data.from_arrow(block_slices(todo, n_blocks))
+    ds = ds.map_batches(fetch_decode_batch, batch_format="pyarrow", batch_size=cfg.decode_batch_size,
+                        num_cpus=pool["decode_cpus"], fn_kwargs={"data_config": enc.data_config, "max_pixels": cfg.max_pixels,
+                                                                  "formats": cfg.formats})
+    ds = ds.map_batches(
+        CountRows, batch_format="pyarrow", batch_size=cfg.embed_batch_size,
+        fn_constructor_kwargs={"inner": EmbedActor, "counter": counter, "inner_kwargs": {
+            "spec": cfg.spec, "expected_version": enc.model_version,
+            "cpu_threads": None if pool["num_gpus"] else max(1, int(pool["num_cpus"])),
+            "compile_batch": cfg.embed_batch_size if cfg.compile else None}},
+        compute=ray.data.ActorPoolStrategy(size=pool["size"]),
+        num_gpus=pool["num_gpus"], num_cpus=pool["num_cpus"],
+    )
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": pool["decode_cpus"]})
 
 
 def block_slices(table, n_blocks: int) -> list:
@@ -204,6 +216,37 @@ def _failures_of_run(root: str, run_id: str) -> tuple[dict[str, int], int]:
     return by_reason, first
 
 
+def _table_versions(root: str) -> dict:
+    return {t: tables.version_of(tables.table_uri(root, t)) for t in (tables.EMBEDDINGS, tables.ERRORS)}
+
+
+def _diff_and_clear(cfg: EmbedConfig, root: str, enc, listed):
+    """The diff of `listed` against root's tables; deletes the stale embedding rows and the
+    error rows about to be retried (one commit per table). Returns (Diff, todo with image_ids)."""
+    emb = tables.read_columns(tables.table_uri(root, tables.EMBEDDINGS), ["uri", "etag", "model_version"])
+    if emb is not None and emb.num_rows and set(emb.column("model_version").to_pylist()) != {enc.model_version}:
+        raise RuntimeError(f"{tables.table_uri(root, tables.EMBEDDINGS)} mixes model versions: refusing to add to it")
+    err = tables.read_columns(tables.table_uri(root, tables.ERRORS), ["uri", "etag", "attempts"])
+    d = diff.diff(listed, emb, err, max_attempts=cfg.max_attempts)
+    tables.delete_matching(tables.table_uri(root, tables.EMBEDDINGS), d.stale_embeddings, on=("uri", "etag"))
+    tables.delete_matching(tables.table_uri(root, tables.ERRORS), d.clear_errors, on=("uri", "etag"))
+    return d, ids.attach_image_ids(d.todo, cfg.out, run_id=cfg.run_id)
+
+
+def _update_index(cfg: EmbedConfig, timer: StageTimer) -> str | None:
+    """Adds and removes the difference on the current index; rebuilds when there is none,
+    the model changed, or the table outgrew the plan (pipeline/index/update.py). Returns
+    the index_id (None for an empty table)."""
+    from sparse_embed.pipeline.index.update import UpdateConfig, update_index
+
+    with timer.stage("index", unit="vectors") as progress:
+        manifest = update_index(UpdateConfig(tables.table_uri(cfg.out, tables.EMBEDDINGS), report.index_root(cfg.out),
+                                shards=cfg.index_shards))
+        if manifest:
+            progress.update(manifest["ntotal"])
+    return manifest["index_id"] if manifest else None
+
+
 def run_embed(cfg: EmbedConfig) -> dict:
     """Run the job; returns the run report (also written to <out>/runs/)."""
     from sparse_embed.encoders import EncoderSpec, create_encoder
@@ -216,69 +259,37 @@ def run_embed(cfg: EmbedConfig) -> dict:
     with timer.stage("load encoder"):
         enc = create_encoder(EncoderSpec.from_dict(cfg.spec))
     root = choose_data_root(cfg.out, enc)
-    versions_before = {t: tables.version_of(tables.table_uri(root, t)) for t in (tables.EMBEDDINGS, tables.ERRORS)}
+    versions_before = _table_versions(root)
     with timer.stage("recover"):
         recovered = recover_pending(root, dim=enc.dim)
     if cfg.parallel_listing:
         with timer.stage("ray"):
             ensure_ray()
-    with timer.stage("list"):
+    with timer.stage("list", unit="objects") as progress:  # the count is known at the end only
         listed = listing.list_objects(cfg.source, extensions=cfg.extensions, glob=cfg.glob, parallel=cfg.parallel_listing,
                                       into=tables.table_uri(cfg.out, tables.LISTING))
         tables.vacuum(tables.table_uri(cfg.out, tables.LISTING), retention_hours=listing.LISTING_RETENTION_HOURS)
+        progress.update(listed.num_rows)
     with timer.stage("diff"):
-        emb = tables.read_columns(tables.table_uri(root, tables.EMBEDDINGS), ["uri", "etag", "model_version"])
-        if emb is not None and emb.num_rows and set(emb.column("model_version").to_pylist()) != {enc.model_version}:
-            raise RuntimeError(f"{tables.table_uri(root, tables.EMBEDDINGS)} mixes model versions: refusing to add to it")
-        err = tables.read_columns(tables.table_uri(root, tables.ERRORS), ["uri", "etag", "attempts"])
-        d = diff.diff(listed, emb, err, max_attempts=cfg.max_attempts)
-        tables.delete_matching(tables.table_uri(root, tables.EMBEDDINGS), d.stale_embeddings, on=("uri", "etag"))
-        tables.delete_matching(tables.table_uri(root, tables.ERRORS), d.clear_errors, on=("uri", "etag"))
-        todo = ids.attach_image_ids(d.todo, cfg.out, run_id=cfg.run_id)
+        d, todo = _diff_and_clear(cfg, root, enc, listed)
     log.info("run %s: %s (recovered %d rows of an interrupted run)", cfg.run_id, d.counts, recovered)
     embedded, pool, embed_seconds = _embed_todo(cfg, todo, root, enc, timer) if todo.num_rows else (0, {}, {})
     failed_by_reason, failed_first = _failures_of_run(root, cfg.run_id)
-    failed = sum(failed_by_reason.values())
-    # The error rate counts objects tried for the first time at their etag: a known-bad
-    # object failing its retry again must not fail every night until max_attempts.
-    first_tries = todo.num_rows - sum(1 for a in todo.column("attempts").to_pylist() if a)
-    promoted = None
-    if root != cfg.out:
+    promoted = root != cfg.out
+    if promoted:
         with timer.stage("promote"):
-            promoted = promote(cfg.out, root, enc)
+            promote(cfg.out, root, enc)
     index_id = None
-    index_due = cfg.build_index and (todo.num_rows or d.counts["deleted"] or recovered or promoted or
-                                     not storage.exists(storage.join(report.index_root(cfg.out), "CURRENT")))
-    if index_due:
-        from sparse_embed.pipeline.index.update import UpdateConfig, update_index
-
-        with timer.stage("index"):
-            # Adds and removes the difference on the current index; rebuilds when there is
-            # none, the model changed, or the table outgrew the plan (pipeline/index/update.py).
-            manifest = update_index(UpdateConfig(tables.table_uri(cfg.out, tables.EMBEDDINGS), report.index_root(cfg.out),
-                                    shards=cfg.index_shards))
-            index_id = manifest["index_id"] if manifest else None
-    processed = todo.num_rows
-    result = {
-        "run_id": cfg.run_id,
-        "config": report.redact(cfg.__dict__ | {"spec": cfg.spec}),
-        "model": enc.spec.model,
-        "model_version": enc.model_version,
-        "dim": enc.dim,
-        "counts": d.counts | {"processed": processed, "embedded": embedded, "failed": failed,
-                              "failed_by_reason": failed_by_reason, "failed_first_try": failed_first,
-                              "recovered_rows": recovered},
-        "error_rate": (failed_first / first_tries) if first_tries else 0.0,
-        "actor_pool": pool,
-        "embed_busy": busy_report(embed_seconds, pool, timer.seconds("fetch+decode+embed+write")),
-        "timings_s": timer.as_dict(),
-        "wall_s": time.time() - started,
-        "throughput_images_per_s": (processed / timer.seconds("fetch+decode+embed+write")) if processed else 0.0,
-        "table_versions": {"before": versions_before,
-                           "after": {t: tables.version_of(tables.table_uri(cfg.out, t)) for t in (tables.EMBEDDINGS, tables.ERRORS)}},
-        "promoted_model_version": enc.model_version if promoted else None,
-        "index_id": index_id,
-    }
+    if cfg.build_index and (todo.num_rows or d.counts["deleted"] or recovered or promoted or
+                            not storage.exists(storage.join(report.index_root(cfg.out), "CURRENT"))):
+        index_id = _update_index(cfg, timer)
+    result = report.build_report(cfg, enc, report.RunFacts(
+        counts=d.counts, processed=todo.num_rows,
+        first_tries=todo.num_rows - sum(1 for a in todo.column("attempts").to_pylist() if a),
+        embedded=embedded, failed_by_reason=failed_by_reason, failed_first=failed_first, recovered=recovered,
+        pool=pool, embed_seconds=embed_seconds, embed_stage_s=timer.seconds(EMBED_STAGE), timings_s=timer.as_dict(),
+        wall_s=time.time() - started, versions_before=versions_before, versions_after=_table_versions(cfg.out),
+        promoted=promoted, index_id=index_id))
     report.write_run_report(cfg.out, result)
     return result
 

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from sparse_embed.pipeline.index.searcher import ShardedIndex
 from sparse_embed.pipeline.index.tune import RECALL_K, tune
 from sparse_embed.pipeline.store import storage
+from sparse_embed.pipeline.store.lock import check_before_commit
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,8 @@ def write_manifest(index_dir: str, manifest: dict) -> None:
 
 
 def publish(index_root: str, index_id: str) -> None:
+    """Move CURRENT to a complete index (the last write of a build or update)."""
+    check_before_commit(index_root)
     storage.write_bytes_atomic(storage.join(index_root, "CURRENT"), index_id.encode())
 
 

@@ -21,8 +21,12 @@ def current_index_id(index_root: str) -> str:
     uri = storage.join(index_root, "CURRENT")
     try:
         return storage.read_bytes(uri).decode().strip()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"No index at {index_root!r} (no CURRENT pointer): run `sparse-embed index build` first") from None
+    except FileNotFoundError as e:
+        clear = storage.explain(e, index_root, role="--index")  # an unknown bucket is no missing index
+        if clear is not None:
+            raise clear from e
+        raise FileNotFoundError(f"No index at {index_root!r} (no CURRENT pointer): run `sparse-embed embed SOURCE --out OUT` "
+                                f"(it builds OUT/index) or `sparse-embed index build --table OUT/embeddings --out OUT/index` first") from None
 
 
 def _cached(uri: str, index_id: str) -> str:
@@ -162,7 +166,7 @@ def embed_queries(images: list[str], manifest: dict):
     pipeline's decode and resize (on this machine's CPU, in fp32)."""
     import numpy as np
 
-    from sparse_embed.pipeline.embed.decode import ResizePlan, decode_image
+    from sparse_embed.pipeline.embed.decode import ResizePlan
     from sparse_embed.pipeline.embed.actor import EmbedActor
 
     encoder = manifest.get("encoder")
@@ -170,5 +174,18 @@ def embed_queries(images: list[str], manifest: dict):
         raise ValueError("The index manifest records no encoder; search by vector or rebuild the index from an embed run")
     actor = EmbedActor(spec=encoder["spec"], expected_version=encoder["model_version"])  # same preprocessing, no Ray
     plan = ResizePlan.from_data_config(actor.encoder.data_config)
-    pixels = [decode_image(storage.read_bytes(u), plan)[0].tobytes() for u in images]
+    pixels = [_query_pixels(u, plan) for u in images]
     return np.asarray(actor.embed_pixels(pixels))
+
+
+def _query_pixels(uri: str, plan) -> bytes:
+    """decode_image with the embed job's guards and default formats; a refusal is a ValueError naming the query."""
+    from sparse_embed.pipeline.embed.decode import ALLOWED_FORMATS, DecodeError, UnsupportedFormat, decode_image
+
+    try:
+        return decode_image(storage.read_bytes(uri), plan)[0].tobytes()
+    except UnsupportedFormat as e:
+        raise ValueError(f"Expected a query image in one of {', '.join(ALLOWED_FORMATS)}, got {e.detected} "
+                         f"in {uri!r}") from None
+    except DecodeError as e:
+        raise ValueError(f"Expected a decodable query image, got {uri!r}: {type(e).__name__}: {e}") from None

@@ -1,4 +1,6 @@
-"""A lock on an output prefix, so two nightly runs never write the same tables at once.
+"""The output lock: one writer per output prefix. Every command that writes under an
+output (embed, nightly, index build/update, promotion) holds it, and every commit checks it
+first (`check_before_commit`), so a run that lost its lock stops before writing anything more.
 
 On S3 the lock is one object created with a conditional PUT (`If-None-Match: *`): the
 store admits exactly one creator. The holder refreshes a heartbeat in it (`If-Match` its
@@ -8,6 +10,7 @@ Locally the same protocol uses O_EXCL creation and a rename.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +26,10 @@ log = logging.getLogger(__name__)
 
 class LockHeld(RuntimeError):
     """Another live run holds the lock."""
+
+
+class LockLost(RuntimeError):
+    """This run held the lock and no longer does (taken over, or its heartbeat failed)."""
 
 
 @dataclass
@@ -66,7 +73,9 @@ class OutputLock:
         self._etag: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.out = out
         self.lost = False  # set if a heartbeat found the lock taken over
+        self.failure: str | None = None  # why the heartbeat stopped (an S3 error, a takeover)
 
     def _body(self, acquired_at: float) -> bytes:
         now = time.time()
@@ -148,7 +157,19 @@ class OutputLock:
             os.remove(storage.strip_scheme(self.uri))
 
     # -- protocol
-    def acquire(self) -> "OutputLock":
+    def acquire(self, *, wait_s: float = 0.0) -> "OutputLock":
+        """Take the lock; while another live run holds it, retry for up to `wait_s` seconds,
+        then raise LockHeld naming the holder."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self._acquire_once()
+            except LockHeld:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+    def _acquire_once(self) -> "OutputLock":
         now = time.time()
         if not self._create(self._body(now)):
             held = self.read()
@@ -156,9 +177,10 @@ class OutputLock:
                 info, etag = held
                 if not info.expired(time.time()):
                     raise LockHeld(
-                        f"{self.uri} is held by run {info.owner} (host {info.host}, pid {info.pid}) since "
-                        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(info.acquired_at))}; it expires "
-                        f"{info.ttl_s:.0f} s after its last heartbeat unless renewed"
+                        f"{self.out} is locked by run {info.owner} (host {info.host}, pid {info.pid}) since "
+                        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(info.acquired_at))}: wait for it to "
+                        f"finish, or pass --wait SECONDS (a dead run's lock expires {info.ttl_s:.0f} s after its "
+                        f"last heartbeat)"
                     )
                 log.warning("taking over the stale lock of run %s (no heartbeat for %.0f s)", info.owner, now - info.heartbeat_at)
                 if not self._replace(self._body(now), etag):
@@ -171,11 +193,32 @@ class OutputLock:
         return self
 
     def _heartbeat(self) -> None:
+        """Refresh every ttl/3. A refused refresh (taken over) or an error (the store, the
+        credentials) stops the heartbeat and is recorded; the run stops at its next commit."""
         while not self._stop.wait(self.ttl_s / 3):
-            if not self._replace(self._body(self._acquired_at), self._etag):
+            try:
+                ok = self._replace(self._body(self._acquired_at), self._etag)
+            except Exception as e:  # noqa: BLE001 - recorded, raised by check() at the next commit
+                self.failure = f"heartbeat failed: {type(e).__name__}: {e}"
+                log.error("lock %s: %s", self.uri, self.failure)
+                return
+            if not ok:
                 self.lost = True
+                self.failure = "taken over by another run"
                 log.error("lock %s was taken over by another run", self.uri)
                 return
+
+    def check(self) -> None:
+        """Raise LockLost unless this run still holds the lock: its heartbeat is alive and
+        the stored lock is still ours (one GET)."""
+        if self.failure is None:
+            held = self.read()
+            if held is None or held[0].owner != self.owner or held[1] != self._etag:
+                self.lost = True
+                self.failure = "taken over by another run" if held is not None else "the lock object is gone"
+        if self.failure is not None:
+            raise LockLost(f"{self.out}: this run ({self.owner}) lost the output lock ({self.failure}); it stopped "
+                           f"before its next commit: rerun the command to resume")
 
     def release(self) -> None:
         self._stop.set()
@@ -189,3 +232,56 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# The locks this process holds, by output prefix: commits under a prefix check its lock.
+_HELD: dict[str, OutputLock] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _key(uri: str) -> str:
+    return storage.strip_scheme(uri).rstrip("/") + "/"
+
+
+def held_lock_for(uri: str) -> OutputLock | None:
+    """The lock this process holds on an output prefix containing `uri`, if any."""
+    k = _key(uri)
+    with _HELD_GUARD:
+        return next((lock for out, lock in _HELD.items() if k.startswith(out)), None)
+
+
+def check_before_commit(uri: str) -> None:
+    """Called by every commit under an output: raises LockLost if the run holding that
+    output's lock lost it. Writes outside any held output (tests' fixtures, a table another
+    tool owns) are not checked."""
+    lock = held_lock_for(uri)
+    if lock is not None:
+        lock.check()
+
+
+@contextlib.contextmanager
+def output_lock(out: str, *, owner: str, ttl_s: float = 600.0, wait_s: float = 0.0):
+    """Hold the lock on `out` for the block. Re-entrant within a process: a nested writer
+    (the embed run's index stage) runs under the lock its caller already holds."""
+    existing = held_lock_for(out)
+    if existing is not None:
+        existing.check()
+        yield existing
+        return
+    lock = OutputLock(out, owner=owner, ttl_s=ttl_s).acquire(wait_s=wait_s)
+    with _HELD_GUARD:
+        _HELD[_key(out)] = lock
+    try:
+        yield lock
+    finally:
+        with _HELD_GUARD:
+            _HELD.pop(_key(out), None)
+        lock.release()
+
+
+def lock_root_of_index(index_root: str) -> str:
+    """The output an index root belongs to: `<out>/index` is locked as `<out>` (the embed
+    job's layout, so embed and index writers exclude each other); any other index root is
+    its own output."""
+    root = index_root.rstrip("/")
+    return root.rsplit("/", 1)[0] if root.endswith("/index") else root

@@ -120,3 +120,161 @@ def put_many(prefix: str, objects: dict[str, bytes]) -> list[str]:
             os.makedirs(posixpath.dirname(f"{root}/{key}"), exist_ok=True)
     fs.pipe({f"{root}/{k}": v for k, v in objects.items()})
     return [join(prefix, k) for k in objects]
+
+
+# -- storage errors a person can fix: one line naming the URI, the endpoint and the fix ----------
+
+# What boto3, s3fs, pyarrow and deltalake read, named in every credentials message.
+SET_CREDENTIALS = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary "
+                   "credentials), or AWS_PROFILE naming a profile in ~/.aws/credentials; AWS_ENDPOINT_URL sets the endpoint")
+CHECK_CREDENTIALS = ("check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (or AWS_PROFILE and "
+                     "~/.aws/credentials), and that AWS_ENDPOINT_URL names the store they belong to")
+# S3 error codes: the endpoint refused the credentials themselves...
+_REJECTED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "TokenRefreshRequired",
+             "InvalidClientTokenId", "AuthorizationHeaderMalformed"}
+# ...or accepted them but refuses the operation (a HEAD request's 403 has no body, so no code: either).
+_DENIED = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403", "Forbidden"}
+_CREDENTIAL_SOURCES = {"env": "the environment (AWS_ACCESS_KEY_ID)", "shared-credentials-file": "~/.aws/credentials",
+                       "config-file": "~/.aws/config"}
+
+
+class StorageError(Exception):
+    """Base of the errors `explain` makes; the CLI prints their message as it is."""
+
+
+class CredentialsError(StorageError, PermissionError):
+    """No credentials, credentials the endpoint rejected, or credentials without access."""
+
+
+class BucketNotFound(StorageError, FileNotFoundError):
+    pass
+
+
+class NotWritable(StorageError, PermissionError):
+    pass
+
+
+def endpoint_url() -> str:
+    """The S3 endpoint botocore resolves from the environment and profiles (no request is made;
+    dummy keys keep it from searching for credentials)."""
+    try:
+        import botocore.session
+
+        return botocore.session.get_session().create_client(
+            "s3", aws_access_key_id="-", aws_secret_access_key="-").meta.endpoint_url
+    except Exception:  # a broken profile: report what the environment says
+        return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
+
+
+def _credentials_source() -> str:
+    try:
+        import botocore.session
+
+        method = botocore.session.get_session().get_credentials().method
+    except Exception:
+        return "the credential chain"
+    return _CREDENTIAL_SOURCES.get(method, method)
+
+
+def _causes(e: BaseException):
+    """`e`, then what caused it: chained exceptions, and the remote error of a Ray task."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        ray_cause = getattr(e, "cause", None)
+        e = e.__cause__ or (ray_cause if isinstance(ray_cause, BaseException) else None) or \
+            (None if e.__suppress_context__ else e.__context__)
+
+
+def explain(e: BaseException, uri: str | None = None, *, role: str = "") -> Exception | None:
+    """The one-line error for a storage failure (missing or rejected credentials, access denied,
+    unknown bucket, unreachable endpoint) found in `e` or its causes, naming `role uri` when
+    given (e.g. role "--out"); None when `e` is none of these or already explained."""
+    import botocore.exceptions as bx
+
+    if isinstance(e, StorageError):
+        return None
+    what = f" for {role + ' ' if role else ''}{uri!r}" if uri else ""
+    for cause in _causes(e):
+        if isinstance(cause, StorageError):
+            return None
+        if isinstance(cause, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+            return CredentialsError(f"No AWS credentials found{what} (endpoint {endpoint_url()}): {SET_CREDENTIALS}")
+        if isinstance(cause, bx.ProfileNotFound):
+            return CredentialsError(f"AWS_PROFILE {cause.kwargs.get('profile')!r} is in neither ~/.aws/credentials nor "
+                                    f"~/.aws/config{what}: name a profile there, or unset AWS_PROFILE and set "
+                                    f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        if isinstance(cause, (bx.EndpointConnectionError, bx.ConnectTimeoutError)):
+            return ConnectionError(f"Cannot reach the S3 endpoint {endpoint_url()}{what}: check AWS_ENDPOINT_URL and the network")
+        if isinstance(cause, bx.ClientError):
+            code = str(cause.response.get("Error", {}).get("Code", ""))
+            op = cause.operation_name
+            if code in _REJECTED:
+                return CredentialsError(f"The S3 endpoint {endpoint_url()} rejected the credentials from {_credentials_source()}"
+                                        f"{what} ({code} on {op}): {CHECK_CREDENTIALS}")
+            if code in _DENIED:
+                return CredentialsError(f"The S3 endpoint {endpoint_url()} denied {op}{what} ({code}): the credentials from "
+                                        f"{_credentials_source()} are wrong or may not access it; {CHECK_CREDENTIALS}")
+            if code == "NoSuchBucket":
+                bucket = strip_scheme(uri).split("/", 1)[0] if uri and is_s3(uri) else cause.response.get("Error", {}).get("BucketName")
+                return BucketNotFound(f"No bucket {bucket!r} at the S3 endpoint {endpoint_url()}{what}: check the bucket "
+                                      f"name and AWS_ENDPOINT_URL (sparse-embed does not create buckets)")
+    return None
+
+
+def _raise_explained(e: Exception, uri: str, role: str):
+    """Re-raise `e` (being handled) explained when `explain` knows it, else as it is."""
+    clear = explain(e, uri, role=role)
+    if clear is None:
+        raise e
+    raise clear from e
+
+
+def _s3_bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = strip_scheme(uri).partition("/")
+    return bucket, key.strip("/")
+
+
+def check_readable(uri: str, *, role: str) -> None:
+    """On S3, one listing request under `uri`: fails (explained) on missing or rejected
+    credentials, no access or an unknown bucket. Local paths are the caller's business."""
+    if not is_s3(uri):
+        return
+    bucket, key = _s3_bucket_key(uri)
+    try:
+        filesystem(uri).call_s3("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=1)
+    except Exception as e:
+        _raise_explained(e, uri, role)
+
+
+def check_writable(uri: str, *, role: str = "--out") -> None:
+    """Write and delete a probe object under `uri`, so that an output prefix that cannot be
+    written fails before any work starts. Local directories are created as the job would."""
+    import uuid
+
+    probe = join(uri, f".sparse-embed-probe-{uuid.uuid4().hex[:12]}")
+    if is_s3(uri):
+        # The listing first: SeaweedFS creates a missing bucket on PUT (S3 refuses with NoSuchBucket).
+        check_readable(uri, role=role)
+        fs = filesystem(uri)
+        try:
+            fs.pipe_file(strip_scheme(probe), b"")
+            fs.rm_file(strip_scheme(probe))
+        except Exception as e:
+            _raise_explained(e, uri, role)
+        return
+    path = strip_scheme(uri)
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotWritable(f"Cannot write under {role} {uri!r}: {parent!r} is a file, not a directory: choose another {role}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(strip_scheme(probe), "wb"):
+            pass
+        os.remove(strip_scheme(probe))
+    except OSError as e:
+        raise NotWritable(f"Cannot write under {role} {uri!r}: {e.strerror} ({e.filename!r}): choose another {role} "
+                          f"or make it writable") from e

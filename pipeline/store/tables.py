@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from sparse_embed.pipeline.store import storage
+from sparse_embed.pipeline.store.lock import check_before_commit
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def append(uri: str, table, schema) -> int:
     """One atomic append commit; returns the new table version."""
     from deltalake import write_deltalake
 
+    check_before_commit(uri)
     ensure_table(uri, schema)
     write_deltalake(uri, table.cast(schema), mode="append", storage_options=storage.delta_storage_options(uri))
     return open_table(uri).version()
@@ -113,6 +115,7 @@ def delete_matching(uri: str, keys, on: tuple[str, ...]) -> int:
     dt = open_table(uri)
     if dt is None or keys.num_rows == 0:
         return 0
+    check_before_commit(uri)
     predicate = " AND ".join(f"t.{c} = s.{c}" for c in on)
     metrics = (dt.merge(source=keys.select(list(on)), predicate=predicate, source_alias="s", target_alias="t")
                .when_matched_delete().execute())
@@ -129,6 +132,7 @@ def overwrite(uri: str, data, schema) -> int:
     travel); `data` is an Arrow table or a RecordBatchReader. Returns the new version."""
     from deltalake import write_deltalake
 
+    check_before_commit(uri)
     ensure_table(uri, schema)
     write_deltalake(uri, data, mode="overwrite", schema_mode="overwrite", storage_options=storage.delta_storage_options(uri))
     return open_table(uri).version()
@@ -160,6 +164,7 @@ def commit_files(uri: str, files: list[tuple[str, int, int]], schema, *, mode: s
 
     from deltalake.transaction import AddAction
 
+    check_before_commit(uri)
     dt = ensure_table(uri, schema)
     now_ms = int(time.time() * 1000)
     actions = [AddAction(path=path, size=size, partition_values={}, modification_time=now_ms, data_change=True,

@@ -92,7 +92,7 @@ def bad_inputs() -> dict[str, tuple[bytes, str]]:
         "bad/bomb_declared_8000x8000.png": (_png_declaring(8000, 8000), "decode:DecompressionBomb"),  # --max-pixels
         "bad/jpeg_xl.jxl": (b"\xff\x0a" + rng.bytes(300), "decode:NotAnImage"),
         "bad/heic.heic": (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + rng.bytes(300), "decode:NotAnImage"),
-        "bad/postscript_as.jpg": (eps, "decode:NotAnImage"),  # EPS would run Ghostscript: not an allowed format
+        "bad/postscript_as.jpg": (eps, "decode:UnsupportedFormat"),  # an image, but EPS would run Ghostscript: never decoded
         "bad/random_bytes.avif": (rng.bytes(500), "decode:NotAnImage"),
         # -- odd but valid: must embed
         "ok/png_16bit_grey.png": (_save(g16, "PNG"), EMB),

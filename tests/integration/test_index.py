@@ -55,7 +55,7 @@ def test_sharded_index_equals_one_flat_index(ray_local, bucket, capsys):
     queries = unit_vectors(50, d, seed=3)
     want_scores, want_ids = flat.search(queries, 10)
     index = ShardedIndex.open(f"{bucket}/emb/index")
-    got_ids, got_scores = index.searchunit_vectors(queries, 10)
+    got_ids, got_scores = index.search_vectors(queries, 10)
     np.testing.assert_array_equal(got_ids, want_ids)
     np.testing.assert_allclose(got_scores, want_scores, rtol=0, atol=1e-6)
     hit = index.hits(queries[:1], 1)[0][0]

@@ -73,7 +73,8 @@ def check_inputs(args) -> None:
         from .nightly_config import load
 
         cfg = load(args.config)
-        check_source(cfg.source, tuple(cfg.extensions), cfg.glob, role="source", flags=("extensions", "glob"))
+        check_source(cfg.source, tuple(cfg.extensions), cfg.glob, role="source", flags=("extensions", "glob"),
+                     allow_empty=cfg.allow_empty_source)
         storage.check_writable(cfg.out, role="out")
 
 
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     from sparse_embed.pipeline.embed.report import redact_text
+    from sparse_embed.pipeline.store.lock import LockHeld, LockLost
     from sparse_embed.pipeline.store.storage import explain
 
     try:
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             print(redact_text("".join(traceback.format_exception(e))), file=sys.stderr, end="")
         clear = explain(e) or _remote_cause(e)
+        if isinstance(clear, (LockHeld, LockLost)):  # another writer holds the output, or took it over
+            print(f"sparse-embed {args.command}: {redact_text(str(clear))}", file=sys.stderr)
+            return 3
         if isinstance(clear, USER_ERRORS):
             print(f"sparse-embed {args.command}: error: {redact_text(str(clear))}", file=sys.stderr)
             return 2

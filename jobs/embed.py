@@ -7,7 +7,7 @@ from sparse_embed.pipeline.store.tables import ROWS_PER_FILE
 
 from sparse_embed.pipeline.embed.decode import ALLOWED_FORMATS
 
-from .options import add_encoder_arguments, encoder_spec, fraction, pillow_formats, positive_float, positive_int
+from .options import add_encoder_arguments, add_lock_arguments, encoder_spec, fraction, pillow_formats, positive_float, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="exit 1 when the failed fraction of objects tried for the first time exceeds this (default 1.0: never)")
     g.add_argument("--max-attempts", type=positive_int, default=3,
                    help="failures at one ETag before an object is no longer retried (default 3)")
+    g.add_argument("--allow-empty-source", action="store_true",
+                   help="run even when SOURCE lists no matching object: every row of the table is then deleted "
+                        "(without it, an empty SOURCE is an error, so a wrong prefix never empties the table)")
+    add_lock_arguments(g)
     g.add_argument("--no-index", dest="build_index", action="store_false", help="skip the final index build stage")
     g.add_argument("--index-shards", type=positive_int, default=None, help="index shards (default: one per CPU, at most one per table file)")
 
@@ -51,17 +55,33 @@ def run(args) -> int:
         glob=args.glob, decode_batch_size=args.decode_batch_size, embed_batch_size=args.batch_size, rows_per_file=args.rows_per_file, compile=args.compile,
         actors=args.actors, actor_cpus=args.actor_cpus, max_pixels=args.max_pixels, formats=tuple(args.formats),
         max_error_rate=args.max_error_rate, max_attempts=args.max_attempts, build_index=args.build_index, index_shards=args.index_shards,
+        lock_wait_s=args.wait,
     )
-    check_inputs(cfg)
+    check_inputs(cfg, allow_empty=args.allow_empty_source)
     result = run_embed(cfg)
     print(summary(result), end="")
-    if result["error_rate"] > cfg.max_error_rate:
-        print(f"error rate {result['error_rate']:.2%} exceeds --max-error-rate {cfg.max_error_rate:.2%}")
+    return outcome(result, cfg.max_error_rate, prog="sparse-embed embed", option="--max-error-rate")
+
+
+def outcome(result: dict, max_error_rate: float, *, prog: str, option: str) -> int:
+    """Exit code of a finished run: 1 when infrastructure failures left objects to retry, or
+    when the error rate of first tries exceeds `max_error_rate`; else 0."""
+    import sys
+
+    c = result["counts"]
+    if c.get("failed_infrastructure"):
+        kinds = sorted(c["failed_infrastructure_by_reason"])
+        print(f"{prog}: {c['failed_infrastructure']} objects failed for infrastructure reasons ({', '.join(kinds)}): "
+              f"they are not given up; fix the cause and rerun", file=sys.stderr)
+        return 1
+    if result["error_rate"] > max_error_rate:
+        print(f"{prog}: error rate {result['error_rate']:.2%} exceeds {option} {max_error_rate:.2%}", file=sys.stderr)
         return 1
     return 0
 
 
-def check_inputs(cfg) -> None:
+
+def check_inputs(cfg, *, allow_empty: bool = False) -> None:
     """Before any work (and before Ray starts): the encoder name, then SOURCE holds matching
     objects, then OUT takes a write. Each failure is one line naming the cause and the fix."""
     import timm
@@ -72,5 +92,5 @@ def check_inputs(cfg) -> None:
 
     if not timm.is_model(cfg.spec["model"]):
         create_encoder(EncoderSpec.from_dict(cfg.spec))  # checks the name first: raises the ValueError naming close ones
-    check_source(cfg.source, cfg.extensions, cfg.glob)
+    check_source(cfg.source, cfg.extensions, cfg.glob, allow_empty=allow_empty)
     check_writable(cfg.out, role="--out")

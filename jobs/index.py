@@ -60,8 +60,8 @@ def run(args) -> int:
     owner = f"index-{args.index_command}-{uuid.uuid4().hex[:8]}"
     with output_lock(lock_root_of_index(args.out), owner=owner, wait_s=args.wait):
         manifest = _build_or_update(args)
-    if manifest is None:
-        print("table is empty: no index built")
+    if not manifest["ntotal"]:
+        print(f"index {manifest['index_id']}: table v{manifest['table_version']} is empty: published an empty index")
         return 0
     how = manifest.get("update") and f"updated from {manifest['update']['parent']}" or manifest["build"].get("rebuild_reason") or "built"
     print(f"index {manifest['index_id']} ({how}): {manifest['ntotal']} vectors, {manifest['factory']}, dim {manifest['dim']}, "

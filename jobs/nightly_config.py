@@ -30,6 +30,7 @@ max_error_rate: 0.05              # exit 1 above this fraction of failed objects
 max_attempts: 3                   # failures at one ETag before an object is left alone
 lock_ttl_s: 900                   # a lock without heartbeat for this long is stale
 index: true                       # update the index after embedding
+allow_empty_source: false         # true: a source listing no matching object empties the table
 """
 
 
@@ -56,6 +57,7 @@ class NightlyConfig:
     lock_ttl_s: float = 900.0  # heartbeats every ttl/3, so a live run never looks stale
     index: bool = True
     index_shards: int | None = None
+    allow_empty_source: bool = False  # true: a source with no matching object empties the table instead of failing
 
 
 _TYPES = {f.name: f.type for f in dataclasses.fields(NightlyConfig)}
@@ -85,7 +87,7 @@ def parse(doc) -> NightlyConfig:
         _check("model_args", doc["model_args"], "a mapping of create-model keywords", isinstance(doc["model_args"], dict))
     if "pool" in doc:
         _check("pool", doc["pool"], f"one of {list(POOLS)}", doc["pool"] in POOLS)
-    for name in ("fuse_last_two", "index", "compile"):
+    for name in ("fuse_last_two", "index", "compile", "allow_empty_source"):
         if name in doc:
             _check(name, doc[name], "true or false", isinstance(doc[name], bool))
     if "extensions" in doc:

@@ -233,10 +233,11 @@ CHECK_MAX_KEYS = 100_000  # keys check_source reads looking for a match; past th
 
 
 def check_source(source: str, extensions: tuple[str, ...], glob: str | None, *, role: str = "SOURCE",
-                 flags: tuple[str, str] = ("--ext", "--glob")) -> None:
+                 flags: tuple[str, str] = ("--ext", "--glob"), allow_empty: bool = False) -> None:
     """Fail before any work when `source` does not exist or holds no object that `matches`,
     naming `role` and the filter (`flags`: the option names). Reads listing pages until the
-    first match; storage errors (credentials, unknown bucket) are explained."""
+    first match; storage errors (credentials, unknown bucket) are explained. With
+    `allow_empty`, an empty source passes (a run then deletes every row of the table)."""
     root = storage.strip_scheme(source).rstrip("/")
     try:
         scan = _scan_s3 if storage.is_s3(source) else _scan_local
@@ -246,7 +247,7 @@ def check_source(source: str, extensions: tuple[str, ...], glob: str | None, *, 
         if clear is None:
             raise
         raise clear from e
-    if found or listed >= CHECK_MAX_KEYS:
+    if found or listed >= CHECK_MAX_KEYS or allow_empty:
         return
     spec = f"{flags[0]} {','.join(extensions) or '(any)'}" + (f" {flags[1]} {glob!r}" if glob else "")
     if not listed:

@@ -48,6 +48,7 @@ class RunFacts:
     first_tries: int  # of those, tried for the first time at their etag
     embedded: int  # embedding rows this run committed
     failed_by_reason: dict  # "stage:error_type" -> error rows of this run
+    failed_by_kind: dict  # failures.OBJECT / INFRASTRUCTURE -> {"stage:error_type": error rows of this run}
     failed_first: int  # error rows of this run at their first attempt
     recovered: int  # rows of an interrupted run committed by the recover stage
     pool: dict  # the embed actor pool (run.plan_actors); {} when nothing was tried
@@ -86,6 +87,9 @@ def build_report(cfg, enc, facts: RunFacts) -> dict:
         "dim": enc.dim,
         "counts": f.counts | {"processed": f.processed, "embedded": f.embedded, "failed": sum(f.failed_by_reason.values()),
                               "failed_by_reason": f.failed_by_reason, "failed_first_try": f.failed_first,
+                              "failed_object": sum(f.failed_by_kind.get("object", {}).values()),
+                              "failed_infrastructure": sum(f.failed_by_kind.get("infrastructure", {}).values()),
+                              "failed_infrastructure_by_reason": f.failed_by_kind.get("infrastructure", {}),
                               "recovered_rows": f.recovered},
         "error_rate": (f.failed_first / f.first_tries) if f.first_tries else 0.0,
         "actor_pool": f.pool,
@@ -115,6 +119,9 @@ def summary(result: dict) -> str:
         f"(error rate {result['error_rate']:.2%} of first tries; {c.get('retried', 0)} retried)",
     ]
     lines += [f"  failed {reason}: {n}" for reason, n in sorted(c["failed_by_reason"].items())]
+    if c.get("failed_infrastructure"):
+        lines.append(f"  {c['failed_infrastructure']} of the failures are the infrastructure's (credentials, throttling, "
+                     f"network, memory, device): not counted toward --max-attempts, retried by the next run")
     lines.append("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in result["timings_s"].items()))
     busy = result.get("embed_busy") or {}
     lines.append(f"throughput {result['throughput_images_per_s']:.1f} images/s; wall {result['wall_s']:.1f} s"

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from sparse_embed.pipeline.embed import diff, ids, listing, report
+from sparse_embed.pipeline.embed import diff, failures, ids, listing, report
 from sparse_embed.pipeline.store import storage, tables
 from sparse_embed.pipeline.embed.timing import StageTimer
 
@@ -54,6 +54,8 @@ class EmbedConfig:
     parallel_listing: bool = True  # one Ray task per top-level prefix of the source
     build_index: bool = True
     index_shards: int | None = None
+    lock_ttl_s: float = 600.0  # a dead run's output lock expires this long after its last heartbeat
+    lock_wait_s: float = 0.0  # wait this long for another run's lock before failing with LockHeld
     run_id: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6])
 
     def __post_init__(self):
@@ -203,17 +205,22 @@ def block_slices(table, n_blocks: int) -> list:
     return [table.slice(start, size) for start in range(0, table.num_rows, size)]
 
 
-def _failures_of_run(root: str, run_id: str) -> tuple[dict[str, int], int]:
-    """(failures of this run by "stage:error_type", how many were first failures)."""
-    rows = tables.read_columns(tables.table_uri(root, tables.ERRORS), ["stage", "error_type", "attempts", "run_id"])
+def _failures_of_run(root: str, run_id: str) -> tuple[dict[str, int], dict[str, int], int]:
+    """(failures of this run by "stage:error_type"; the same split by kind, failures.OBJECT /
+    INFRASTRUCTURE -> {reason: n}; how many were first object failures)."""
+    cols = ["stage", "error_type", "message", "attempts", "run_id"]
+    rows = tables.read_columns(tables.table_uri(root, tables.ERRORS), cols)
     by_reason: dict[str, int] = {}
+    by_kind: dict[str, dict[str, int]] = {failures.OBJECT: {}, failures.INFRASTRUCTURE: {}}
     first = 0
     if rows is not None:
-        for stage, etype, attempts, rid in zip(*(rows.column(c).to_pylist() for c in ("stage", "error_type", "attempts", "run_id"))):
+        for stage, etype, message, attempts, rid in zip(*(rows.column(c).to_pylist() for c in cols)):
             if rid == run_id:
                 by_reason[f"{stage}:{etype}"] = by_reason.get(f"{stage}:{etype}", 0) + 1
-                first += attempts == 1
-    return by_reason, first
+                kind = failures.kind_of(stage, etype, message)
+                by_kind[kind][f"{stage}:{etype}"] = by_kind[kind].get(f"{stage}:{etype}", 0) + 1
+                first += kind == failures.OBJECT and attempts == 1
+    return by_reason, by_kind, first
 
 
 def _table_versions(root: str) -> dict:
@@ -248,11 +255,21 @@ def _update_index(cfg: EmbedConfig, timer: StageTimer) -> str | None:
 
 
 def run_embed(cfg: EmbedConfig) -> dict:
-    """Run the job; returns the run report (also written to <out>/runs/)."""
+    """Run the job under the output lock; returns the run report (also written to
+    <out>/runs/). Raises LockHeld when another run holds the lock (after cfg.lock_wait_s),
+    LockLost when this run loses it (before the next commit)."""
+    from sparse_embed.pipeline.store.lock import output_lock
+
+    with output_lock(cfg.out, owner=cfg.run_id, ttl_s=cfg.lock_ttl_s, wait_s=cfg.lock_wait_s):
+        return _run_embed_locked(cfg)
+
+
+def _run_embed_locked(cfg: EmbedConfig) -> dict:
     from sparse_embed.encoders import EncoderSpec, create_encoder
     from sparse_embed.infra.ray_launcher import ensure_ray
 
     from sparse_embed.pipeline.embed.sink import recover_pending
+    from sparse_embed.pipeline.index.publish import index_is_current
 
     timer = StageTimer()
     started = time.time()
@@ -261,7 +278,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
     root = choose_data_root(cfg.out, enc)
     versions_before = _table_versions(root)
     with timer.stage("recover"):
-        recovered = recover_pending(root, dim=enc.dim)
+        recovered = recover_pending(root, dim=enc.dim, model_version=enc.model_version)
     if cfg.parallel_listing:
         with timer.stage("ray"):
             ensure_ray()
@@ -274,19 +291,21 @@ def run_embed(cfg: EmbedConfig) -> dict:
         d, todo = _diff_and_clear(cfg, root, enc, listed)
     log.info("run %s: %s (recovered %d rows of an interrupted run)", cfg.run_id, d.counts, recovered)
     embedded, pool, embed_seconds = _embed_todo(cfg, todo, root, enc, timer) if todo.num_rows else (0, {}, {})
-    failed_by_reason, failed_first = _failures_of_run(root, cfg.run_id)
+    failed_by_reason, failed_by_kind, failed_first = _failures_of_run(root, cfg.run_id)
     promoted = root != cfg.out
     if promoted:
         with timer.stage("promote"):
             promote(cfg.out, root, enc)
     index_id = None
-    if cfg.build_index and (todo.num_rows or d.counts["deleted"] or recovered or promoted or
-                            not storage.exists(storage.join(report.index_root(cfg.out), "CURRENT"))):
+    if cfg.build_index and not index_is_current(report.index_root(cfg.out), tables.table_uri(cfg.out, tables.EMBEDDINGS)):
+        # Whatever this run did: the index also catches up after a --no-index run, a failed
+        # or killed index stage, and a promotion.
         index_id = _update_index(cfg, timer)
     result = report.build_report(cfg, enc, report.RunFacts(
         counts=d.counts, processed=todo.num_rows,
         first_tries=todo.num_rows - sum(1 for a in todo.column("attempts").to_pylist() if a),
-        embedded=embedded, failed_by_reason=failed_by_reason, failed_first=failed_first, recovered=recovered,
+        embedded=embedded, failed_by_reason=failed_by_reason, failed_by_kind=failed_by_kind, failed_first=failed_first,
+        recovered=recovered,
         pool=pool, embed_seconds=embed_seconds, embed_stage_s=timer.seconds(EMBED_STAGE), timings_s=timer.as_dict(),
         wall_s=time.time() - started, versions_before=versions_before, versions_after=_table_versions(cfg.out),
         promoted=promoted, index_id=index_id))

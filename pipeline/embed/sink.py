@@ -4,23 +4,33 @@ Write tasks put Parquet files into each table's directory; nothing is visible un
 driver commits them: one atomic Delta commit per table in on_write_complete. Each
 finished file also gets a marker under <root>/_pending/<table>/; markers are deleted once
 their file is committed. If the driver dies mid-run, the next run commits the files its
-markers name (`recover_pending`) before diffing, so finished work is kept, and nothing
-is committed twice: a marker whose file is already in the table is only deleted.
+markers name (`recover_pending`) before diffing, so finished work is kept.
+
+Nothing is committed twice:
+- a file's name is a digest of its rows' (uri, etag) and the run id, so a write task that
+  Ray retries or re-executes rewrites the same file and marker instead of adding a second;
+- a marker whose file is already in the table is only deleted;
+- recovery drops rows whose (uri, etag) the table already holds, and never commits a file
+  of another model_version than the table's (a model change with files pending).
 
 The sink also sums the embed actors' forward-pass seconds that ride on each row
 (`embed_seconds`, `embed_actor`, from pipeline/embed/actor.py): how busy the encoder was.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import uuid
-from functools import partial
+import logging
 from dataclasses import dataclass, field
+from functools import partial
 
 from ray.data import Datasink
 
+from sparse_embed.pipeline.embed.failures import attempts_after
 from sparse_embed.pipeline.store import storage, tables
 from sparse_embed.pipeline.store.retry import with_retries
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,6 +39,16 @@ class WrittenFile:
     path: str  # relative to the table root
     size: int
     rows: int
+    model_version: str | None = None  # of the rows (embeddings files); None for error files and old markers
+
+
+def file_name(run_id: str, rows) -> str:
+    """A data file's name from its rows: the same rows (a retried or re-executed write task)
+    give the same name, so the retry overwrites the file instead of adding a second."""
+    h = hashlib.sha256()
+    for uri, etag in zip(rows.column("uri").to_pylist(), rows.column("etag").to_pylist()):
+        h.update(f"{uri}\0{etag}\n".encode())
+    return f"part-{run_id}-{h.hexdigest()[:24]}.parquet"
 
 
 @dataclass
@@ -55,7 +75,10 @@ def split_rows(batch, *, run_id: str, dim: int):
     run = lambda t: pa.array([run_id] * t.num_rows, pa.string())  # noqa: E731
     emb = ok.append_column("run_id", run(ok)).select(tables.embeddings_schema(dim).names).cast(tables.embeddings_schema(dim))
     err = bad.rename_columns({"error_stage": "stage", "error_message": "message"} | {c: c for c in bad.column_names if c not in ("error_stage", "error_message")})
-    attempts = pc.add(err.column("attempts"), 1) if "attempts" in err.column_names else pa.array([1] * err.num_rows, pa.int32())
+    before = err.column("attempts").to_pylist() if "attempts" in err.column_names else [0] * err.num_rows
+    attempts = pa.array([attempts_after(s, t, m, b or 0) for s, t, m, b in zip(
+        err.column("stage").to_pylist(), err.column("error_type").to_pylist(), err.column("message").to_pylist(), before)],
+        pa.int32())
     err = (err.drop_columns([c for c in ("attempts",) if c in err.column_names]).append_column("attempts", attempts)
            .append_column("run_id", run(err)).select(tables.errors_schema().names).cast(tables.errors_schema()))
     return emb, err
@@ -101,14 +124,16 @@ class EmbeddingTableSink(Datasink):
             table = pa.concat_tables(parts) if parts else schema.empty_table()
             if table.num_rows == 0:
                 continue
-            rel = f"part-{self.run_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:12]}.parquet"
+            rel = file_name(self.run_id, table)
             done = with_retries(partial(self._write_file, name, rel, table), what=f"write {name}/{rel}")
             written.append(done)
         return TaskWrites(written, busy)
 
     def _write_file(self, name: str, rel: str, table) -> WrittenFile:
         """Write one Parquet file and its marker; safe to repeat (same names, overwritten)."""
-        done = WrittenFile(name, rel, tables.write_parquet_file(tables.table_uri(self.out, name), rel, table), table.num_rows)
+        mv = table.column("model_version")[0].as_py() if "model_version" in table.column_names and table.num_rows else None
+        done = WrittenFile(name, rel, tables.write_parquet_file(tables.table_uri(self.out, name), rel, table), table.num_rows,
+                           mv)
         storage.write_bytes_atomic(marker_uri(self.out, done), json.dumps(done.__dict__).encode())
         return done
 
@@ -147,8 +172,10 @@ def commit_files(root: str, files: list[WrittenFile], *, dim: int) -> tuple[dict
     return versions, committed
 
 
-def recover_pending(root: str, *, dim: int) -> int:
-    """Commit files that an earlier run wrote but never committed. Returns their row count."""
+def recover_pending(root: str, *, dim: int, model_version: str) -> int:
+    """Commit files that an earlier run wrote but never committed, keeping only rows whose
+    (uri, etag) the table does not hold yet; files of another model_version are dropped
+    (their objects are embedded again by the diff). Returns the rows committed."""
     fs = storage.filesystem(root)
     base = storage.strip_scheme(storage.join(root, "_pending"))
     try:
@@ -158,4 +185,94 @@ def recover_pending(root: str, *, dim: int) -> int:
     if not paths:
         return 0
     files = [WrittenFile(**json.loads(fs.cat_file(p))) for p in paths]
-    return with_retries(partial(commit_files, root, files, dim=dim), what="commit recovered files")[1]
+    keep = []
+    for f in files:
+        rows = _pending_rows(root, f)
+        if rows is None:  # the file is gone: nothing to commit (the diff embeds its objects again)
+            _drop(root, f, keep_data=True)
+            continue
+        if f.table == tables.EMBEDDINGS and _model_of(f, rows) != model_version:
+            log.warning("dropping pending file %s of model_version %s (the table's is %s)", f.path, _model_of(f, rows),
+                        model_version)
+            _drop(root, f)
+            continue
+        keep.append((f, rows))
+    committed = 0
+    for name in (tables.EMBEDDINGS, tables.ERRORS):
+        mine = [(f, rows) for f, rows in keep if f.table == name]
+        if not mine:
+            continue
+        have = tables.read_columns(tables.table_uri(root, name), ["uri", "etag"])
+        held = set(zip(have.column("uri").to_pylist(), have.column("etag").to_pylist())) if have is not None else set()
+        ready = []
+        for f, rows in mine:
+            new = _rows_not_in(rows, held)
+            if new is None:  # no row of it is in the table (commit_files skips a file it already holds)
+                ready.append(f)
+            elif new.num_rows == 0:
+                _drop(root, f, keep_data=_committed(root, f))
+            else:  # some rows are already in the table: commit only the others, from a new file
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                afs, table_root = storage.arrow_filesystem(tables.table_uri(root, name))
+                whole = pq.read_table(f"{table_root}/{f.path}", filesystem=afs)
+                new = whole.filter(pa.array([(u, e) not in held for u, e in zip(whole.column("uri").to_pylist(),
+                                                                              whole.column("etag").to_pylist())]))
+                rel = file_name("recovered", new)
+                size = tables.write_parquet_file(tables.table_uri(root, name), rel, new)
+                _drop(root, f)
+                ready.append(WrittenFile(name, rel, size, new.num_rows, f.model_version))
+            held.update(zip(rows.column("uri").to_pylist(), rows.column("etag").to_pylist()))
+        committed += with_retries(partial(commit_files, root, ready, dim=dim), what="commit recovered files")[1]
+    return committed
+
+
+def _pending_rows(root: str, f: WrittenFile):
+    """(uri, etag, model_version when present) of a pending file; None when the file is gone."""
+    import pyarrow.parquet as pq
+
+    fs, table_root = storage.arrow_filesystem(tables.table_uri(root, f.table))
+    try:
+        with fs.open_input_file(f"{table_root}/{f.path}") as src:
+            pf = pq.ParquetFile(src)
+            cols = [c for c in ("uri", "etag", "model_version") if c in pf.schema_arrow.names]
+            return pf.read(columns=cols)
+    except FileNotFoundError:
+        return None
+
+
+def _model_of(f: WrittenFile, rows) -> str | None:
+    if f.model_version is not None or rows is None or "model_version" not in rows.column_names or not rows.num_rows:
+        return f.model_version
+    return rows.column("model_version")[0].as_py()
+
+
+def _rows_not_in(rows, held: set):
+    """The rows of a pending file whose (uri, etag) is not in `held`: None when that is all
+    of them (commit the file as it is), an empty table when it is none."""
+    import pyarrow as pa
+
+    mask = [(u, e) not in held for u, e in zip(rows.column("uri").to_pylist(), rows.column("etag").to_pylist())]
+    if all(mask):
+        return None
+    return rows.filter(pa.array(mask)) if any(mask) else rows.slice(0, 0)
+
+
+def _committed(root: str, f: WrittenFile) -> bool:
+    dt = tables.open_table(tables.table_uri(root, f.table))
+    return dt is not None and f.path in {p.rsplit("/", 1)[-1] for p in dt.file_uris()}
+
+
+def _drop(root: str, f: WrittenFile, *, keep_data: bool = False) -> None:
+    """Delete a pending file's marker, and the file itself unless a commit references it."""
+    fs = storage.filesystem(root)
+    if not keep_data:
+        try:
+            fs.rm_file(storage.strip_scheme(storage.join(tables.table_uri(root, f.table), f.path)))
+        except FileNotFoundError:
+            pass
+    try:
+        fs.rm_file(storage.strip_scheme(marker_uri(root, f)))
+    except FileNotFoundError:
+        pass

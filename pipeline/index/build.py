@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sparse_embed.pipeline.index.plan import IndexPlan, parse_bytes, plan_index
-from sparse_embed.pipeline.index.publish import new_index_id, publish, verify_and_tune, write_manifest
+from sparse_embed.pipeline.index.publish import new_index_id, publish, publish_empty, verify_and_tune, write_manifest
 from sparse_embed.pipeline.index.snapshot import TableSnapshot, ids_schema, model_version_of, read_file, vectors_of
 from sparse_embed.pipeline.index.tune import RECALL_K, RECALL_QUERIES, TIE_MARGIN, drop_self, exact_topk, merge_topk
 from sparse_embed.pipeline.store import storage
@@ -178,12 +178,13 @@ class BuildConfig:
 
 def build_index(cfg: BuildConfig) -> dict | None:
     """Plan, train, fill, verify, tune and publish an index over one version of the table.
-    Returns the manifest; None for an empty table."""
+    Returns the manifest (of an empty index for an empty table version)."""
     t_all = time.perf_counter()
     snap = TableSnapshot(cfg.table, cfg.version)
     if snap.n == 0:
-        log.info("table %s v%d is empty: no index built", cfg.table, snap.version)
-        return None
+        encoder = encoder_of_table(cfg.table)
+        return publish_empty(cfg.index_root, cfg.table, snap.version, dim=(encoder or {}).get("dim"),
+                             model_version=(encoder or {}).get("model_version"), encoder=encoder, extra=cfg.extra)
     dim = snap.dim()
     budget = parse_bytes(cfg.memory_budget)
     plan = plan_index(snap.n, dim, budget, nlist=cfg.nlist, layout=cfg.layout)

@@ -23,6 +23,48 @@ def write_manifest(index_dir: str, manifest: dict) -> None:
     storage.write_bytes_atomic(storage.join(index_dir, "manifest.json"), json.dumps(manifest, indent=2).encode())
 
 
+def current_manifest(index_root: str) -> dict | None:
+    """The manifest CURRENT points to (two small reads); None when there is no index."""
+    from sparse_embed.pipeline.index.searcher import current_index_id
+
+    try:
+        index_id = current_index_id(index_root)
+        return json.loads(storage.read_bytes(storage.join(index_root, index_id, "manifest.json")))
+    except FileNotFoundError:
+        return None
+
+
+def index_is_current(index_root: str, table_uri: str) -> bool:
+    """Whether CURRENT's manifest describes the table's latest version (and so its rows and
+    its model: a promotion or any delete is a new version). False without an index."""
+    from sparse_embed.pipeline.store import tables
+
+    version = tables.version_of(table_uri)
+    if version is None:
+        return True  # no table yet: nothing to index
+    manifest = current_manifest(index_root)
+    return manifest is not None and manifest.get("table") == table_uri and manifest.get("table_version") == version
+
+
+def publish_empty(index_root: str, table_uri: str, table_version: int, *, dim: int | None, model_version: str | None,
+                  encoder: dict | None, extra: dict | None = None) -> dict:
+    """Publish an index of no vectors for an empty table version, so that search serves
+    nothing rather than the rows the table no longer has."""
+    index_id = new_index_id(table_version)
+    manifest = {
+        "index_id": index_id, "factory": None, "metric": "inner_product", "dim": dim, "ntotal": 0,
+        "shards": [], "ids_files": [], "trained_file": None,
+        "model": (encoder or {}).get("spec", {}).get("model"), "model_version": model_version, "encoder": encoder,
+        "table": table_uri, "table_version": table_version, "plan": None,
+        "build": {"created_at": datetime.now(timezone.utc).isoformat(), "empty": True, **(extra or {})},
+        "search_params": {}, "recall_at_10": None,
+    }
+    write_manifest(storage.join(index_root, index_id), manifest)
+    publish(index_root, index_id)
+    log.info("index %s: table %s v%d is empty: published an empty index", index_id, table_uri, table_version)
+    return manifest
+
+
 def publish(index_root: str, index_id: str) -> None:
     """Move CURRENT to a complete index (the last write of a build or update)."""
     check_before_commit(index_root)

@@ -100,6 +100,8 @@ class ShardedIndex:
         import numpy as np
 
         q = np.ascontiguousarray(queries, dtype="float32")
+        if not self.shards:  # the index of an empty table version
+            return np.full((len(q), k), -1, dtype="int64"), np.full((len(q), k), -np.inf, dtype="float32")
         out_ids, out_scores = [], []
         for start in range(0, max(1, len(q)), batch_size):
             batch = q[start:start + batch_size]

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 
 from sparse_embed.pipeline.index.build import DEFAULT_TARGET_RECALL, BuildConfig, build_index, plan_shards
 from sparse_embed.pipeline.index.plan import parse_bytes, plan_index, rebuild_reason
-from sparse_embed.pipeline.index.publish import new_index_id, publish, verify_and_tune, write_manifest
+from sparse_embed.pipeline.index.publish import current_manifest, new_index_id, publish, verify_and_tune, write_manifest
 from sparse_embed.pipeline.index.snapshot import TableSnapshot, model_version_of, read_file, vectors_of
 from sparse_embed.pipeline.index.tune import RECALL_K, RECALL_QUERIES, TIE_MARGIN, drop_self, exact_topk, merge_topk
 from sparse_embed.pipeline.store import storage
@@ -88,27 +88,24 @@ def update_index(cfg: UpdateConfig) -> dict | None:
     for, or when the updated index's tuned recall@10 falls below `target_recall` while
     its parent's reached it. Otherwise removes/adds only the difference, retunes nprobe,
     writes a new index_id and moves CURRENT last. Returns the published manifest (the
-    current one unchanged when the table version is the one indexed; None for an empty table)."""
-    from sparse_embed.pipeline.index.searcher import ShardedIndex, current_index_id
+    current one unchanged when the table version is the one indexed; an empty index's for
+    an empty table version)."""
+    from sparse_embed.pipeline.index.searcher import ShardedIndex
 
     t_all = time.perf_counter()
-    try:
-        current = ShardedIndex.open(cfg.index_root, index_id=current_index_id(cfg.index_root))
-    except FileNotFoundError:
-        current = None
-    if current is None:
+    cm = current_manifest(cfg.index_root)
+    if cm is None:
         return _rebuild(cfg, None, "no current index")
-    cm = current.manifest
     snap = TableSnapshot(cfg.table, cfg.version)
-    if snap.n == 0:
-        log.info("table %s v%d is empty: index left as it is", cfg.table, snap.version)
-        return None
     if cm.get("table") == cfg.table and cm.get("table_version") == snap.version and not cfg.force_rebuild:
         log.info("index %s already indexes table v%d", cm["index_id"], snap.version)
         return cm
+    if snap.n == 0:
+        return _rebuild(cfg, cm, "the table is empty")
     reason = _rebuild_reason(cfg, cm, snap)
     if reason:
         return _rebuild(cfg, cm, reason)
+    current = ShardedIndex.open(cfg.index_root, index_id=cm["index_id"])  # only an in-place update reads the shards
 
     old = _read_index_ids(cfg.index_root, cm)
     removed, added = _diff_against_index(old, snap)
@@ -150,7 +147,7 @@ def update_index(cfg: UpdateConfig) -> dict | None:
 def _rebuild(cfg: UpdateConfig, cm: dict | None, reason: str) -> dict | None:
     log.info("index update: rebuilding (%s)", reason)
     budget = cfg.memory_budget
-    if budget is None and cm is not None and "plan" in cm:
+    if budget is None and cm is not None and cm.get("plan"):
         budget = cm["plan"]["memory_budget"]
     return build_index(BuildConfig(cfg.table, cfg.index_root, version=cfg.version, memory_budget=budget,
                                    shards=cfg.shards, target_recall=cfg.target_recall,
@@ -161,7 +158,9 @@ def _rebuild_reason(cfg: UpdateConfig, cm: dict, snap: TableSnapshot) -> str | N
     """Why the current index cannot be updated in place to `snap` (None: it can)."""
     if cfg.force_rebuild:
         return "forced"
-    if "plan" not in cm:
+    if not cm.get("ntotal"):
+        return "the current index is empty"
+    if "plan" not in cm or cm["plan"] is None:
         return "the current index predates index plans"
     budget = cfg.memory_budget if cfg.memory_budget is not None else cm["plan"]["memory_budget"]
     try:

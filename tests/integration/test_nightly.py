@@ -53,7 +53,7 @@ def test_valid_config_and_cli_exit_codes(tmp_path, capsys):
 def test_lock_admits_one_holder_and_expires_when_stale(bucket):
     out = f"{bucket}/emb"
     first = OutputLock(out, owner="run-a", ttl_s=60).acquire()
-    with pytest.raises(LockHeld, match="held by run run-a"):
+    with pytest.raises(LockHeld, match="is locked by run run-a"):
         OutputLock(out, owner="run-b", ttl_s=60).acquire()
     first.release()
     OutputLock(out, owner="run-c", ttl_s=60).acquire().release()

@@ -117,7 +117,7 @@ def test_batch_rows_follow_formats(tmp_path):
 
 
 def _embed_argv(tmp_path, *extra):
-    return ["embed", str(tmp_path), "--out", str(tmp_path / "out"), "--model", "resnet18", *extra]
+    return ["embed", str(tmp_path), "--out", str(tmp_path / "out"), "--model", "resnet18", "--allow-empty-source", *extra]
 
 
 @pytest.mark.parametrize("value, needle", [("jpeg,XYZ", "got 'XYZ'"), ("png,eps", "Ghostscript"), (",", "non-empty")])
@@ -135,7 +135,7 @@ def _capture_embed_config(monkeypatch) -> list:
     from sparse_embed.pipeline.embed import report, run
 
     seen = []
-    monkeypatch.setattr(run, "run_embed", lambda cfg: seen.append(cfg) or {"error_rate": 0.0})
+    monkeypatch.setattr(run, "run_embed", lambda cfg: seen.append(cfg) or {"error_rate": 0.0, "counts": {}})
     monkeypatch.setattr(report, "summary", lambda result: "")
     return seen
 
@@ -151,7 +151,6 @@ def test_nightly_formats_are_validated_and_reach_the_embed_config(tmp_path, monk
     import yaml
 
     from sparse_embed.jobs.nightly_config import parse
-    from sparse_embed.pipeline.store import lock
 
     base = {"source": str(tmp_path), "out": str(tmp_path / "out"), "model": "resnet10t"}
     assert parse(base).formats == list(ALLOWED_FORMATS)
@@ -160,22 +159,9 @@ def test_nightly_formats_are_validated_and_reach_the_embed_config(tmp_path, monk
             parse(base | {"formats": bad})
         assert str(e.value).startswith("nightly config field 'formats': ") and needle in str(e.value)
 
-    class NoLock:
-        lost = False
-
-        def __init__(self, *a, **k):
-            pass
-
-        def acquire(self):
-            return self
-
-        def release(self):
-            pass
-
-    monkeypatch.setattr(lock, "OutputLock", NoLock)
     seen = _capture_embed_config(monkeypatch)
     config = tmp_path / "nightly.yaml"
-    config.write_text(yaml.safe_dump(base | {"formats": ["tga", "PPM"]}))
+    config.write_text(yaml.safe_dump(base | {"formats": ["tga", "PPM"], "allow_empty_source": True}))
     assert main(["nightly", "--config", str(config)]) == 0
     assert seen[0].formats == ("TGA", "PPM")
 

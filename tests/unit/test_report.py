@@ -18,6 +18,7 @@ def _facts(**changes) -> RunFacts:
     facts = RunFacts(
         counts={"listed": 12, "new": 10, "changed": 1, "deleted": 2, "unchanged": 1, "retried": 1, "gave_up": 0},
         processed=12, first_tries=10, embedded=9, failed_by_reason={"decode:NotAnImage": 2, "decode:DecodeError": 1},
+            failed_by_kind={"object": {"decode:NotAnImage": 2, "decode:DecodeError": 1}, "infrastructure": {}},
         failed_first=2, recovered=4, pool={"size": 2, "num_gpus": 0, "num_cpus": 0.75, "decode_cpus": 0.25},
         embed_seconds={"h:2": 1.0, "h:1": 3.0}, embed_stage_s=4.0,
         timings_s={"list": 1.0, "fetch+decode+embed+write": 4.0}, wall_s=9.5,
@@ -39,7 +40,8 @@ def test_report_keys_and_values():
     assert r["counts"] == {"listed": 12, "new": 10, "changed": 1, "deleted": 2, "unchanged": 1, "retried": 1, "gave_up": 0,
                            "processed": 12, "embedded": 9, "failed": 3,
                            "failed_by_reason": {"decode:NotAnImage": 2, "decode:DecodeError": 1},
-                           "failed_first_try": 2, "recovered_rows": 4}
+                           "failed_first_try": 2, "recovered_rows": 4, "failed_object": 3,
+                           "failed_infrastructure": 0, "failed_infrastructure_by_reason": {}}
     assert r["error_rate"] == pytest.approx(2 / 10)
     assert r["throughput_images_per_s"] == pytest.approx(12 / 4.0)
     assert r["embed_busy"] == {"fraction": 0.5, "by_actor": {"h:1": 0.75, "h:2": 0.25}}
@@ -51,7 +53,7 @@ def test_report_keys_and_values():
 
 
 def test_report_of_a_run_with_nothing_to_do():
-    r = build_report(_cfg(), ENC, _facts(processed=0, first_tries=0, embedded=0, failed_by_reason={}, failed_first=0,
+    r = build_report(_cfg(), ENC, _facts(processed=0, first_tries=0, embedded=0, failed_by_reason={}, failed_by_kind={}, failed_first=0,
                                          pool={}, embed_seconds={}, embed_stage_s=0.0, promoted=True, index_id=None))
     assert r["error_rate"] == 0.0 and r["throughput_images_per_s"] == 0.0
     assert r["embed_busy"] == {"fraction": 0.0, "by_actor": {}}

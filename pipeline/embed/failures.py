@@ -25,7 +25,7 @@ _FETCH_OBJECT_TYPES = {"FileNotFoundError", "ETagMismatch", "IsADirectoryError"}
 # decode and embed: memory is the machine's, not the image's (the pixel guard refuses
 # images that are too large before decoding, as DecompressionBomb).
 _MEMORY_TYPES = {"MemoryError", "OutOfMemoryError"}
-_DEVICE_WORDS = ("cuda", "cudnn", "cublas", "nccl", "out of memory", "device-side", "driver")
+_DEVICE_WORDS = ("cuda", "cudnn", "cublas", "nccl", "out of memory", "allocate memory", "device-side", "driver")
 
 
 def kind_of(stage: str | None, error_type: str | None, message: str | None) -> str:

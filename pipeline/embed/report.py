@@ -131,10 +131,25 @@ def summary(result: dict) -> str:
 
 
 def write_encoder_spec(out: str, enc) -> None:
-    """What the search job needs to embed queries with the same encoder."""
+    """What the search job needs to embed queries with the same encoder: <out>/encoder.json
+    (the active one) and <out>/encoders/<model_version>.json (every one that was active, so
+    an index of an older table version records the encoder of that version)."""
     doc = {"spec": enc.spec.to_dict(), "model_version": enc.model_version, "dim": enc.dim,
            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in enc.data_config.items()}}
-    storage.write_bytes_atomic(storage.join(out, "encoder.json"), json.dumps(redact(doc), indent=2).encode())
+    body = json.dumps(redact(doc), indent=2).encode()
+    storage.write_bytes_atomic(storage.join(out, "encoders", f"{enc.model_version}.json"), body)
+    storage.write_bytes_atomic(storage.join(out, "encoder.json"), body)
+
+
+def read_encoder_spec_of(out: str, model_version: str) -> dict:
+    """The encoder that wrote rows of `model_version` under <out> (FileNotFoundError if none is recorded)."""
+    try:
+        return json.loads(storage.read_bytes(storage.join(out, "encoders", f"{model_version}.json")))
+    except FileNotFoundError:
+        active = read_encoder_spec(out)  # outputs written before encoders/ existed
+        if active.get("model_version") != model_version:
+            raise
+        return active
 
 
 def read_encoder_spec(out: str) -> dict:

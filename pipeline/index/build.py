@@ -182,7 +182,7 @@ def build_index(cfg: BuildConfig) -> dict | None:
     t_all = time.perf_counter()
     snap = TableSnapshot(cfg.table, cfg.version)
     if snap.n == 0:
-        encoder = encoder_of_table(cfg.table)
+        encoder = encoder_of_table(cfg.table, None)
         return publish_empty(cfg.index_root, cfg.table, snap.version, dim=(encoder or {}).get("dim"),
                              model_version=(encoder or {}).get("model_version"), encoder=encoder, extra=cfg.extra)
     dim = snap.dim()
@@ -283,7 +283,8 @@ def _lay_out(plan: IndexPlan, index_dir: str, results: list[dict]) -> list[dict]
 def _manifest(cfg: BuildConfig, snap: TableSnapshot, plan: IndexPlan, index_id: str, shard_entries: list[dict],
               results: list[dict]) -> dict:
     ntotal = sum(r["ntotal"] for r in results)
-    encoder = encoder_of_table(cfg.table)
+    model_version = model_version_of(snap)
+    encoder = encoder_of_table(cfg.table, model_version)
     return {
         "index_id": index_id,
         "factory": plan.factory,
@@ -294,7 +295,7 @@ def _manifest(cfg: BuildConfig, snap: TableSnapshot, plan: IndexPlan, index_id: 
         "ids_files": [r["ids_file"] for r in results],
         "trained_file": "trained.faiss" if plan.kind != "flat" else None,
         "model": (encoder or {}).get("spec", {}).get("model"),
-        "model_version": (encoder or {}).get("model_version") or model_version_of(snap),
+        "model_version": model_version or (encoder or {}).get("model_version"),
         "encoder": encoder,
         "table": cfg.table,
         "table_version": snap.version,
@@ -308,13 +309,15 @@ def _manifest(cfg: BuildConfig, snap: TableSnapshot, plan: IndexPlan, index_id: 
     }
 
 
-def encoder_of_table(table_uri: str) -> dict | None:
-    """The encoder spec written beside the table (<out>/encoder.json) by the embed job;
-    None for a table another tool wrote."""
-    from sparse_embed.pipeline.embed.report import read_encoder_spec
+def encoder_of_table(table_uri: str, model_version: str | None) -> dict | None:
+    """The encoder that wrote this table version's rows, recorded beside the table by the
+    embed job (<out>/encoders/<model_version>.json); for a table without a model_version
+    column, the active <out>/encoder.json. None for a table another tool wrote."""
+    from sparse_embed.pipeline.embed.report import read_encoder_spec, read_encoder_spec_of
 
+    out = table_uri.rstrip("/").rsplit("/", 1)[0]
     try:
-        return read_encoder_spec(table_uri.rstrip("/").rsplit("/", 1)[0])
+        return read_encoder_spec_of(out, model_version) if model_version else read_encoder_spec(out)
     except FileNotFoundError:
         return None
 

@@ -193,20 +193,24 @@ class OutputLock:
         return self
 
     def _heartbeat(self) -> None:
-        """Refresh every ttl/3. A refused refresh (taken over) or an error (the store, the
-        credentials) stops the heartbeat and is recorded; the run stops at its next commit."""
-        while not self._stop.wait(self.ttl_s / 3):
-            try:
-                ok = self._replace(self._body(self._acquired_at), self._etag)
-            except Exception as e:  # noqa: BLE001 - recorded, raised by check() at the next commit
-                self.failure = f"heartbeat failed: {type(e).__name__}: {e}"
-                log.error("lock %s: %s", self.uri, self.failure)
-                return
-            if not ok:
-                self.lost = True
-                self.failure = "taken over by another run"
-                log.error("lock %s was taken over by another run", self.uri)
-                return
+        while not self._stop.wait(self.ttl_s / 3) and self.beat():
+            pass
+
+    def beat(self) -> bool:
+        """One heartbeat (the thread calls it every ttl/3). A refused refresh (taken over) or
+        an error (the store, the credentials) is recorded and ends the heartbeat; the run
+        then stops at its next commit. Returns whether the lock is still held."""
+        try:
+            ok = self._replace(self._body(self._acquired_at), self._etag)
+        except Exception as e:  # noqa: BLE001 - recorded, raised by check() at the next commit
+            self.failure = f"heartbeat failed: {type(e).__name__}: {e}"
+            log.error("lock %s: %s", self.uri, self.failure)
+            return False
+        if not ok:
+            self.lost = True
+            self.failure = "taken over by another run"
+            log.error("lock %s was taken over by another run", self.uri)
+        return ok
 
     def check(self) -> None:
         """Raise LockLost unless this run still holds the lock: its heartbeat is alive and

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 MAX_HEAD = 64 * 1024  # bytes of request/response head we are willing to buffer
 SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                  b"<Message>Please reduce your request rate.</Message><RequestId>fault-proxy</RequestId></Error>")
+DENIED_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+               b"<Message>Access Denied</Message><RequestId>fault-proxy</RequestId></Error>")
 
 
 @dataclass
@@ -43,6 +45,7 @@ class FaultPlan:
     stall_s: float = 2.0  # below the clients' read timeouts: a slow store, not a dead one
     max_faults: int | None = 200  # None: unbounded
     seed: int = 0
+    deny_get: tuple = ()  # GETs whose path holds one of these strings get 403 AccessDenied (revoked credentials)
 
     def __post_init__(self):
         for name in ("slowdown", "reset", "stall"):
@@ -187,6 +190,14 @@ class FaultProxy:
             if got is None:
                 return
             head, rest = got
+            method, _, path = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
+            if method == "GET" and any(k in path for k in self.plan.deny_get):
+                with self._lock:
+                    self.counts["denied"] = self.counts.get("denied", 0) + 1
+                client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\n"
+                               + f"Content-Length: {len(DENIED_BODY)}\r\n".encode() + b"Connection: close\r\n\r\n"
+                               + DENIED_BODY)
+                return
             kind = self._decide()
             if kind == "reset":
                 _reset(client)

@@ -11,10 +11,11 @@ from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
 from sparse_embed.pipeline.store import storage, tables
 
 
-def fill(bucket: str, n_base: int, seed: int) -> tuple[str, list[str]]:
+def fill(bucket: str, n_base: int, seed: int, *, under: str = "") -> tuple[str, list[str]]:
+    """n_base images and a JPEG variant of each under <bucket>/images/<under>; (source, their URIs)."""
     source = f"{bucket}/images/"
     images = generate(n_base, seed=seed, variants=("jpeg",), min_side=32, max_side=64)
-    return source, storage.put_many(source, {im.key: im.data for im in images})
+    return source, storage.put_many(source, {under + im.key: im.data for im in images})
 
 
 def assert_exactly_once(source: str, out: str, *, all_embedded: bool = True) -> None:
@@ -92,3 +93,33 @@ def finish_or_resume(t: threading.Thread, box: dict, cfg: EmbedConfig, *, timeou
         box["message"] = msg
         return "resumed"
     return "completed"
+
+
+def pending_files(out: str) -> list[str]:
+    """Every marker under <out>/_pending (embeddings and errors); the store may keep an empty
+    folder entry, which is no marker."""
+    try:
+        return [p for p in storage.filesystem(out).find(storage.strip_scheme(f"{out}/_pending")) if p.endswith(".json")]
+    except FileNotFoundError:
+        return []
+
+
+def assert_no_key_twice(out: str) -> None:
+    """No (uri, etag) twice among the embedding rows, nor among the error rows."""
+    for name in (tables.EMBEDDINGS, tables.ERRORS):
+        t = tables.read_columns(tables.table_uri(out, name), ["uri", "etag"])
+        if t is None:
+            continue
+        keys = list(zip(t.column("uri").to_pylist(), t.column("etag").to_pylist()))
+        assert len(keys) == len(set(keys)), f"{name}: {len(keys) - len(set(keys))} (uri, etag) repeated"
+
+
+def assert_settled(cfg: EmbedConfig) -> dict:
+    """Run the same job once more: nothing is redone, nothing recovered, nothing pending,
+    nothing duplicated. Returns that run's report."""
+    again = run_embed(EmbedConfig(**{**cfg.__dict__, "run_id": cfg.run_id + "-again"}))
+    assert again["counts"]["processed"] == 0, again["counts"]
+    assert again["counts"]["recovered_rows"] == 0, again["counts"]
+    assert pending_files(cfg.out) == [], pending_files(cfg.out)
+    assert_no_key_twice(cfg.out)
+    return again

@@ -1,0 +1,100 @@
+"""The output lock on a local output (the same protocol as on S3: create-if-absent, refresh
+if unchanged): one holder, a second writer told who holds it, --wait, a lost lock stopping
+the next commit. Deterministic: heartbeats are driven by calling beat(), not by time."""
+from __future__ import annotations
+
+import socket
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from sparse_embed.pipeline.store import lock as lock_mod
+from sparse_embed.pipeline.store import tables
+from sparse_embed.pipeline.store.lock import LockHeld, LockLost, OutputLock, check_before_commit, output_lock
+
+
+def test_a_second_writer_is_told_who_holds_the_lock(tmp_path):
+    out = str(tmp_path / "out")
+    with output_lock(out, owner="run-a"):
+        with pytest.raises(LockHeld) as e:
+            OutputLock(out, owner="run-b").acquire()
+        msg = str(e.value)
+        assert msg.startswith(f"{out} is locked by run run-a (host {socket.gethostname()}, pid ")
+        assert " since 20" in msg and "--wait SECONDS" in msg
+    OutputLock(out, owner="run-b").acquire().release()  # released on exit
+
+
+def test_wait_takes_the_lock_once_the_holder_releases_it(tmp_path):
+    out = str(tmp_path / "out")
+    holder = OutputLock(out, owner="run-a").acquire()
+    got = {}
+
+    def waiter():
+        got["lock"] = OutputLock(out, owner="run-b").acquire(wait_s=60)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    holder.release()
+    t.join(60)
+    assert got["lock"].read()[0].owner == "run-b"
+    got["lock"].release()
+
+
+def test_output_lock_is_reentrant_in_one_process(tmp_path):
+    out = str(tmp_path / "out")
+    with output_lock(out, owner="run-a") as outer:
+        with output_lock(out, owner="index-update") as inner:  # the embed run's index stage
+            assert inner is outer
+        assert outer.read()[0].owner == "run-a"
+
+
+def _table(uri):
+    t = pa.table({"image_id": pa.array([1], pa.int64()), "embedding": pa.array([[0.5, 0.5]], pa.list_(pa.float32()))})
+    tables.append(uri, t, t.schema)
+    return t.schema
+
+
+def test_a_failed_heartbeat_stops_the_next_commit(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    uri = f"{out}/embeddings"
+    schema = _table(uri)
+    with output_lock(out, owner="run-a") as held:
+        check_before_commit(uri)  # held: commits go ahead
+
+        def store_down(*a, **k):
+            raise ConnectionError("the store is unreachable")
+
+        monkeypatch.setattr(held, "_replace", store_down)
+        assert held.beat() is False
+        with pytest.raises(LockLost, match=r"lost the output lock \(heartbeat failed: ConnectionError: the store is "
+                                           r"unreachable\); it stopped before its next commit"):
+            tables.append(uri, pa.table({"image_id": pa.array([2], pa.int64()),
+                                         "embedding": pa.array([[1.0, 0.0]], pa.list_(pa.float32()))}), schema)
+    assert tables.read_columns(uri, ["image_id"]).column("image_id").to_pylist() == [1]
+
+
+def test_a_lock_taken_over_stops_the_next_commit(tmp_path):
+    out = str(tmp_path / "out")
+    uri = f"{out}/embeddings"
+    schema = _table(uri)
+    with output_lock(out, owner="run-a") as held:
+        other = OutputLock(out, owner="run-b")
+        info, etag = other.read()
+        assert other._replace(other._body(info.acquired_at), etag)  # what a takeover of a stale lock writes
+        assert held.beat() is False and held.lost
+        with pytest.raises(LockLost, match="taken over by another run"):
+            tables.append(uri, pa.table({"image_id": pa.array([2], pa.int64()),
+                                         "embedding": pa.array([[1.0, 0.0]], pa.list_(pa.float32()))}), schema)
+        other.release()
+    assert tables.read_columns(uri, ["image_id"]).column("image_id").to_pylist() == [1]
+
+
+def test_commits_outside_a_held_output_are_not_checked(tmp_path):
+    with output_lock(str(tmp_path / "a"), owner="run-a"):
+        assert lock_mod.held_lock_for(str(tmp_path / "b" / "embeddings")) is None
+        assert lock_mod.held_lock_for(str(tmp_path / "a" / "embeddings")) is not None
+        assert lock_mod.held_lock_for(str(tmp_path / "ab" / "embeddings")) is None  # a sibling prefix, not a child
+    np.testing.assert_equal(lock_mod.lock_root_of_index("s3://b/emb/index"), "s3://b/emb")
+    assert lock_mod.lock_root_of_index("s3://b/indexes/x") == "s3://b/indexes/x"

@@ -40,9 +40,31 @@ class LockInfo:
     acquired_at: float
     heartbeat_at: float
     ttl_s: float
+    pid_ns: int | None = None  # inode of the holder's pid namespace (None: written by an older version)
 
     def expired(self, now: float) -> bool:
         return now - self.heartbeat_at > self.ttl_s
+
+    def holder_is_gone(self) -> bool:
+        """The holder ran on this host, in this pid namespace, and its process no longer
+        exists (a killed driver): its lock is stale now, not only after its TTL. Another
+        container with the same hostname has another pid namespace, so it is never judged."""
+        if self.host != socket.gethostname() or self.pid_ns is None or self.pid_ns != _pid_namespace():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # exists, owned by someone else
+            return False
+        return False
+
+
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 def _s3_parts(uri: str) -> tuple[str, str]:
@@ -79,7 +101,8 @@ class OutputLock:
 
     def _body(self, acquired_at: float) -> bytes:
         now = time.time()
-        return json.dumps(LockInfo(self.owner, socket.gethostname(), os.getpid(), acquired_at, now, self.ttl_s).__dict__).encode()
+        return json.dumps(LockInfo(self.owner, socket.gethostname(), os.getpid(), acquired_at, now, self.ttl_s,
+                                   _pid_namespace()).__dict__).encode()
 
     # -- storage primitives: create-if-absent, replace-if-unchanged, read, delete-if-unchanged
     def _create(self, body: bytes) -> bool:
@@ -175,14 +198,16 @@ class OutputLock:
             held = self.read()
             if held is not None:
                 info, etag = held
-                if not info.expired(time.time()):
+                gone = info.holder_is_gone()
+                if not gone and not info.expired(time.time()):
                     raise LockHeld(
                         f"{self.out} is locked by run {info.owner} (host {info.host}, pid {info.pid}) since "
                         f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(info.acquired_at))}: wait for it to "
                         f"finish, or pass --wait SECONDS (a dead run's lock expires {info.ttl_s:.0f} s after its "
                         f"last heartbeat)"
                     )
-                log.warning("taking over the stale lock of run %s (no heartbeat for %.0f s)", info.owner, now - info.heartbeat_at)
+                log.warning("taking over the stale lock of run %s (%s)", info.owner,
+                            "its process is gone" if gone else f"no heartbeat for {now - info.heartbeat_at:.0f} s")
                 if not self._replace(self._body(now), etag):
                     raise LockHeld(f"{self.uri}: another run took over the stale lock first")
             elif not self._create(self._body(now)):

@@ -107,7 +107,7 @@ def test_nightly_end_to_end_exit_codes(object_store, ray_local, tmp_path, capsys
     held = OutputLock(out, owner="someone-else", ttl_s=60).acquire()
     try:
         assert main(["nightly", "--config", str(cfg)]) == 3
-        assert "held by run someone-else" in capsys.readouterr().err
+        assert "is locked by run someone-else" in capsys.readouterr().err
     finally:
         held.release()
 

@@ -98,3 +98,24 @@ def test_commits_outside_a_held_output_are_not_checked(tmp_path):
         assert lock_mod.held_lock_for(str(tmp_path / "ab" / "embeddings")) is None  # a sibling prefix, not a child
     np.testing.assert_equal(lock_mod.lock_root_of_index("s3://b/emb/index"), "s3://b/emb")
     assert lock_mod.lock_root_of_index("s3://b/indexes/x") == "s3://b/indexes/x"
+
+
+def test_the_lock_of_a_killed_process_on_this_host_is_taken_over_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "out")
+    code = ("import sys; from sparse_embed.pipeline.store.lock import OutputLock; "
+            "OutputLock(sys.argv[1], owner='killed-run', ttl_s=3600).acquire()")  # exits without releasing
+    subprocess.run([sys.executable, "-c", code, out], check=True, timeout=120)
+    held = OutputLock(out, owner="x").read()[0]
+    assert held.owner == "killed-run" and held.holder_is_gone()
+    with output_lock(out, owner="run-b") as mine:
+        assert mine.read()[0].owner == "run-b"
+
+
+def test_a_live_holder_elsewhere_is_never_judged_gone(tmp_path):
+    from sparse_embed.pipeline.store.lock import LockInfo
+
+    assert not LockInfo("r", "another-host", 1, 0.0, 0.0, 60.0, 1).holder_is_gone()
+    assert not LockInfo("r", socket.gethostname(), 999_999_999, 0.0, 0.0, 60.0, None).holder_is_gone()  # no namespace recorded

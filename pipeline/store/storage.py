@@ -75,15 +75,51 @@ def arrow_filesystem(uri: str):
 
 def delta_storage_options(uri: str) -> dict[str, str] | None:
     """deltalake storage options: the environment already carries credentials; these only
-    add what deltalake cannot infer. Only one driver commits per output prefix (the
-    nightly takes a lock), so S3's lack of atomic rename is safe to accept."""
+    add what deltalake cannot infer. Delta commits are safe on S3 only if a commit can be
+    written "if absent": where the store honours conditional writes (If-None-Match; AWS S3
+    since 2024-08, MinIO, SeaweedFS), deltalake uses them (`conditional_put: etag`) and two
+    writers can never overwrite each other's commit. Elsewhere it falls back to an unsafe
+    rename, which is safe only because every writer holds the output lock."""
     if not is_s3(uri):
         return None
-    opts = {"AWS_S3_ALLOW_UNSAFE_RENAME": "true"}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    opts = {"conditional_put": "etag"} if supports_conditional_put(uri) else {"AWS_S3_ALLOW_UNSAFE_RENAME": "true"}
     if endpoint and endpoint.startswith("http://"):
         opts["AWS_ALLOW_HTTP"] = "true"
     return opts
+
+
+_CONDITIONAL_PUT: dict[tuple, bool] = {}
+
+
+def supports_conditional_put(uri: str) -> bool:
+    """Whether the store refuses a second PUT of one key with If-None-Match: * (tried once
+    per endpoint and bucket in a process: one probe object written twice, then deleted)."""
+    import uuid
+
+    import boto3
+
+    bucket, _, prefix = strip_scheme(uri).partition("/")
+    key = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"), bucket)
+    if key not in _CONDITIONAL_PUT:
+        client = boto3.client("s3")
+        probe = f"{prefix.rstrip('/')}/_probe-{uuid.uuid4().hex}".lstrip("/")
+        try:
+            client.put_object(Bucket=bucket, Key=probe, Body=b"1", IfNoneMatch="*")
+        except Exception:  # noqa: BLE001 - cannot write here (a reader): the commit options do not matter
+            return False
+        try:
+            client.put_object(Bucket=bucket, Key=probe, Body=b"2", IfNoneMatch="*")
+            _CONDITIONAL_PUT[key] = False  # overwritten: the store ignores the header
+        except Exception as e:  # noqa: BLE001 - only a refusal of the precondition counts
+            code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
+            _CONDITIONAL_PUT[key] = code in ("PreconditionFailed", "412", "ConditionalRequestConflict")
+        finally:
+            try:
+                client.delete_object(Bucket=bucket, Key=probe)
+            except Exception:  # noqa: BLE001 - a leftover 1-byte probe is harmless
+                pass
+    return _CONDITIONAL_PUT[key]
 
 
 def read_bytes(uri: str) -> bytes:

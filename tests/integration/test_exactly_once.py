@@ -226,3 +226,25 @@ def test_index_build_of_an_older_version_records_that_versions_encoder(ray_local
     assert m["table_version"] == version_a and m["model_version"] == a["model_version"]
     assert m["encoder"]["model_version"] == a["model_version"] and m["encoder"]["spec"]["proj_dim"] is None
     assert json.loads(storage.read_bytes(f"{out}/encoder.json"))["model_version"] == b["model_version"]
+
+
+def test_delta_commits_use_conditional_writes_so_concurrent_commits_never_overwrite(bucket):
+    """The local store honours If-None-Match, so commits are put-if-absent (no unsafe rename):
+    six commits racing from six threads all land, each as its own version."""
+    import threading
+
+    import pyarrow as pa
+
+    uri = f"{bucket}/race/embeddings"
+    assert storage.delta_storage_options(uri)["conditional_put"] == "etag"
+    assert "AWS_S3_ALLOW_UNSAFE_RENAME" not in storage.delta_storage_options(uri)
+    schema = pa.schema([("image_id", pa.int64())])
+    tables.append(uri, pa.table({"image_id": pa.array([0], pa.int64())}), schema)
+    threads = [threading.Thread(target=tables.append, args=(uri, pa.table({"image_id": pa.array([i], pa.int64())}), schema))
+               for i in range(1, 7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(tables.read_columns(uri, ["image_id"]).column("image_id").to_pylist()) == list(range(7))
+    assert tables.version_of(uri) == 6

@@ -230,7 +230,7 @@ def test_index_build_of_an_older_version_records_that_versions_encoder(ray_local
 
 def test_delta_commits_use_conditional_writes_so_concurrent_commits_never_overwrite(bucket):
     """The local store honours If-None-Match, so commits are put-if-absent (no unsafe rename):
-    six commits racing from six threads all land, each as its own version."""
+    six appends racing from six threads all land, each as its own version."""
     import threading
 
     import pyarrow as pa
@@ -247,4 +247,4 @@ def test_delta_commits_use_conditional_writes_so_concurrent_commits_never_overwr
     for t in threads:
         t.join(120)
     assert sorted(tables.read_columns(uri, ["image_id"]).column("image_id").to_pylist()) == list(range(7))
-    assert tables.version_of(uri) == 6
+    assert tables.version_of(uri) == 7  # v0 creates the table, then seven appends

@@ -144,6 +144,7 @@ class EmbeddingTableSink(Datasink):
         for task in write_result.write_returns:
             for actor, seconds in task.embed_seconds.items():
                 self.result.embed_seconds[actor] = self.result.embed_seconds.get(actor, 0.0) + seconds
+        log.info("[commit] %d files, %d rows", len(files), sum(f.rows for f in files))
         # Repeating is safe: commit_files skips files a lost-response commit already added.
         self.result.versions, _ = with_retries(partial(commit_files, self.out, files, dim=self.dim), what="commit")
 
@@ -168,7 +169,10 @@ def commit_files(root: str, files: list[WrittenFile], *, dim: int) -> tuple[dict
             versions[name] = dt.version()
     fs = storage.filesystem(root)
     for f in files:
-        fs.rm_file(storage.strip_scheme(marker_uri(root, f)))
+        try:
+            fs.rm_file(storage.strip_scheme(marker_uri(root, f)))
+        except FileNotFoundError:  # a repeated commit already removed it
+            pass
     return versions, committed
 
 
@@ -221,8 +225,10 @@ def recover_pending(root: str, *, dim: int, model_version: str) -> int:
                                                                               whole.column("etag").to_pylist())]))
                 rel = file_name("recovered", new)
                 size = tables.write_parquet_file(tables.table_uri(root, name), rel, new)
+                rest = WrittenFile(name, rel, size, new.num_rows, f.model_version)
+                storage.write_bytes_atomic(marker_uri(root, rest), json.dumps(rest.__dict__).encode())  # before the old marker goes
                 _drop(root, f)
-                ready.append(WrittenFile(name, rel, size, new.num_rows, f.model_version))
+                ready.append(rest)
             held.update(zip(rows.column("uri").to_pylist(), rows.column("etag").to_pylist()))
         committed += with_retries(partial(commit_files, root, ready, dim=dim), what="commit recovered files")[1]
     return committed

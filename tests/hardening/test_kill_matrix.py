@@ -1,0 +1,91 @@
+"""The driver SIGKILLed in each stage of a real run (a subprocess of the CLI, killed with its
+local Ray as a dead machine would be, the moment its log says the stage started): the same
+command run again completes with every object exactly once, the index describing the table,
+and a third run finds nothing to redo, recover or commit. Stages: list, diff, the embed
+stage, the commit, the index and the promotion of a new model."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from helpers import SPEC
+from helpers.faults import assert_exactly_once, assert_settled, fill
+from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
+from sparse_embed.pipeline.index.publish import current_manifest
+from sparse_embed.pipeline.store import tables
+
+pytestmark = pytest.mark.integration
+
+SPEC_B = {**SPEC, "proj_dim": 32}  # another model_version, for the promotion
+
+
+def _kill_when_logged(argv: list[str], needle: str, timeout: float = 300) -> bool:
+    """Run the CLI; SIGKILL its process group as soon as a stderr line contains `needle`.
+    Returns whether it was killed (False: the run ended first)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "sparse_embed.jobs.cli", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    killed = threading.Event()
+
+    def watch():
+        for line in proc.stderr:
+            if needle in line and not killed.is_set():
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed.set()
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    t.join(10)
+    return killed.is_set()
+
+
+def _check_repaired(source: str, out: str, spec: dict) -> None:
+    cfg = EmbedConfig(source=source, out=out, spec=spec, rows_per_file=4, index_shards=1, run_id="rerun")
+    run_embed(cfg)
+    assert_exactly_once(source, out)
+    m = current_manifest(f"{out}/index")
+    assert m["table_version"] == tables.version_of(f"{out}/embeddings")
+    assert set(tables.read_columns(f"{out}/embeddings", ["model_version"]).column("model_version").to_pylist()) == {
+        m["model_version"]}
+    assert_settled(cfg)
+
+
+STAGES = [
+    pytest.param("[list] start", id="list", marks=pytest.mark.slow),
+    pytest.param("[diff] start", id="diff", marks=pytest.mark.slow),
+    pytest.param("[fetch+decode+embed+write] start", id="embed"),
+    pytest.param("[commit]", id="commit"),
+    pytest.param("[index] start", id="index", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("needle", STAGES)
+def test_driver_killed_in_a_stage_then_rerun_is_exactly_once(ray_local, bucket, needle):
+    source, _ = fill(bucket, 6, seed=41)
+    out = f"{bucket}/emb"
+    argv = ["embed", source, "--out", out, "--model", SPEC["model"], "--rows-per-file", "4", "--batch-size", "4",
+            "--decode-batch-size", "4", "--index-shards", "1"]
+    assert _kill_when_logged(argv, needle), f"the run ended before {needle!r}"
+    _check_repaired(source, out, SPEC)
+
+
+@pytest.mark.slow
+def test_driver_killed_while_promoting_a_new_model_then_rerun_is_exactly_once(ray_local, bucket):
+    source, _ = fill(bucket, 4, seed=42)
+    out = f"{bucket}/emb"
+    run_embed(EmbedConfig(source=source, out=out, spec=SPEC, rows_per_file=4, index_shards=1))
+    argv = ["embed", source, "--out", out, "--model", SPEC["model"], "--proj-dim", "32", "--rows-per-file", "4",
+            "--index-shards", "1"]
+    assert _kill_when_logged(argv, "[promote] start"), "the run ended before the promotion"
+    _check_repaired(source, out, SPEC_B)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import SPEC as HELPER_SPEC
+from helpers import SPEC
 from sparse_embed.infra.synthetic_images import generate
 from sparse_embed.jobs.demo import corrupt_objects, near_duplicate_recall
 from sparse_embed.pipeline.store import storage, tables
@@ -18,7 +18,7 @@ from sparse_embed.pipeline.index.searcher import ShardedIndex, embed_queries
 
 pytestmark = pytest.mark.integration
 
-SPEC = {**HELPER_SPEC, "model": "resnet18"}  # a larger model than the other tests' resnet10t
+RESNET18 = {**SPEC, "model": "resnet18"}  # a larger model than the other tests' resnet10t
 N_BASE = 24
 
 
@@ -34,7 +34,7 @@ def embedded(object_store, ray_local):
     }
     objects = {im.key: im.data for im in images} | corrupt_objects(3) | odd
     storage.put_many(source, objects)
-    result = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=3, rows_per_file=16))
+    result = run_embed(EmbedConfig(source=source, out=out, spec=RESNET18, index_shards=3, rows_per_file=16))
     return {"source": source, "out": out, "images": images, "objects": objects, "result": result}
 
 
@@ -115,7 +115,7 @@ def test_search_by_image_embeds_like_the_pipeline(embedded):
 def test_rerun_with_nothing_changed_embeds_nothing(embedded):
     out, source = embedded["out"], embedded["source"]
     before = _table(out, tables.EMBEDDINGS, ["uri", "image_id"]).sort_by("uri")
-    again = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, build_index=False))
+    again = run_embed(EmbedConfig(source=source, out=out, spec=RESNET18, build_index=False))
     assert again["counts"]["embedded"] == 0
     assert again["counts"]["processed"] == 3  # only the failed objects are retried
     after = _table(out, tables.EMBEDDINGS, ["uri", "image_id"]).sort_by("uri")

@@ -21,6 +21,7 @@ import logging
 import re
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -158,6 +159,9 @@ def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tu
     ctx.enable_operator_progress_bars = False
     # Ray Data then logs a warning once that says how to turn its bars back on.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # A run with fewer blocks than actors (a small incremental run) gets a UserWarning that
+    # some actors will idle: true, and nothing to act on.
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
     pool = plan_actors(resources, actors=cfg.actors, actor_cpus=cfg.actor_cpus)
     sink = EmbeddingTableSink(root, run_id=cfg.run_id, dim=enc.dim, rows_per_file=cfg.rows_per_file)
     counter = RowCounter()

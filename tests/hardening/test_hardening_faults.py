@@ -19,8 +19,8 @@ import pytest
 
 from helpers import SPEC
 from helpers.fault_proxy import FaultPlan, FaultProxy
-from helpers.faults import (RAY_INIT, assert_exactly_once, fill, finish_or_resume, pending_markers, run_in_thread,
-                           wait_for)
+from helpers.faults import (RAY_INIT, assert_exactly_once, assert_settled, fill, finish_or_resume, pending_markers,
+                           run_in_thread, wait_for)
 from sparse_embed.infra.synthetic_images import generate
 from sparse_embed.pipeline.store import storage, tables
 from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
@@ -152,8 +152,11 @@ def _embed_actor_pids() -> list[int]:
 
 
 def test_embed_actor_killed_mid_run(proxy, object_store):
+    """Every embed actor SIGKILLed while the job runs: Ray Data restarts them (the pool's
+    max_restarts=-1) and retries their batches, so the run completes, each object exactly
+    once, and a rerun finds nothing left to do."""
     bucket = object_store.create_bucket("fault-actor")
-    source, _ = fill(bucket, 40, seed=23)
+    source, uris = fill(bucket, 40, seed=23)
     out = f"{bucket}/out"
     cfg = EmbedConfig(source=source, out=out, spec=SPEC, decode_batch_size=4, embed_batch_size=4, rows_per_file=4, build_index=False)
     t, box = run_in_thread(cfg)
@@ -162,10 +165,12 @@ def test_embed_actor_killed_mid_run(proxy, object_store):
     victims = _embed_actor_pids()
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
+    assert victims, "no embed actor process found to kill"
     outcome = finish_or_resume(t, box, cfg)
-    print(f"actor kill ({len(victims)} killed): {outcome}; {box.get('message', '')[:300]}")
-    assert victims
+    assert outcome == "completed", f"the run stopped after {len(victims)} actor(s) were killed: {box.get('message')}"
+    assert box["result"]["counts"]["processed"] == len(uris), box["result"]["counts"]
     assert_exactly_once(source, out)
+    assert_settled(cfg)
 
 
 def test_object_store_restarted_mid_run(proxy, object_store):

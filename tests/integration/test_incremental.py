@@ -1,6 +1,7 @@
 """Incremental re-embedding against the real local object store: nothing changed, a day of
 changes equals a fresh full run, a killed driver resumes exactly once, a model change
-starts a new version."""
+starts a new version. Each test builds its own day 0 in its own bucket (no test sees
+another's changes), so N and the images are kept small."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import SPEC
+from helpers.faults import assert_settled
 from sparse_embed.infra.synthetic_images import generate
 from sparse_embed.pipeline.store import storage, tables
 from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
@@ -21,11 +23,12 @@ from sparse_embed.pipeline.index.searcher import ShardedIndex, current_index_id
 
 pytestmark = pytest.mark.integration
 
-N = 100  # objects: 50 bases + 50 JPEG variants, small images
+N = 24  # objects of day 0: 12 bases + 12 JPEG variants
 
 
-def _objects(seed: int, n_base: int) -> dict[str, bytes]:
-    return {im.key: im.data for im in generate(n_base, seed=seed, variants=("jpeg",), min_side=48, max_side=96)}
+def _objects(seed: int, n_base: int, *, min_side: int = 32, max_side: int = 48) -> dict[str, bytes]:
+    images = generate(n_base, seed=seed, variants=("jpeg",), min_side=min_side, max_side=max_side)
+    return {im.key: im.data for im in images}
 
 
 def _rows(out: str) -> dict[str, tuple]:
@@ -44,9 +47,9 @@ def _assert_exactly_once(source: str, out: str):
     assert sorted(emb + err) == listed, "every listed object is exactly one row"
 
 
-@pytest.fixture(scope="module")
-def day0(object_store, ray_local):
-    bucket = object_store.create_bucket("incremental")
+@pytest.fixture
+def day0(bucket, ray_local):
+    """Day 0 in a fresh bucket for each test: N objects, embedded and indexed once."""
     source, out = f"{bucket}/images/", f"{bucket}/emb"
     objects = _objects(seed=11, n_base=N // 2)
     storage.put_many(source, objects)
@@ -65,14 +68,14 @@ def test_a_day_of_changes_equals_a_fresh_full_run(day0):
     source, out, bucket = day0["source"], day0["out"], day0["bucket"]
     before = _rows(out)
     keys = sorted(day0["objects"])
-    added = {f"new/img_{i}.jpg": d for i, d in enumerate(list(_objects(seed=12, n_base=3).values())[:5])}  # 5%
-    changed_key, deleted_key = keys[10], keys[20]  # 1% each
-    storage.put_many(source, added | {changed_key: day0["objects"][keys[30]]})
+    added = {f"new/img_{i}.jpg": d for i, d in enumerate(_objects(seed=12, n_base=1).values())}  # 2
+    changed_key, deleted_key = keys[5], keys[10]  # 1 each
+    storage.put_many(source, added | {changed_key: day0["objects"][keys[15]]})
     storage.filesystem(source).rm_file(storage.strip_scheme(source + deleted_key))
 
     inc = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
     c = inc["counts"]
-    assert (c["new"], c["changed"], c["deleted"], c["processed"]) == (5, 1, 1, 6), c
+    assert (c["new"], c["changed"], c["deleted"], c["processed"]) == (2, 1, 1, 3), c
 
     fresh_out = f"{bucket}/fresh"
     run_embed(EmbedConfig(source=source, out=fresh_out, spec=SPEC, index_shards=2, rows_per_file=16))
@@ -92,10 +95,13 @@ def test_a_day_of_changes_equals_a_fresh_full_run(day0):
     assert source + deleted_key not in ia.uris.values()
 
 
-def test_driver_killed_mid_embed_resumes_exactly_once(object_store, ray_local):
-    bucket = object_store.create_bucket("killed")
+def test_driver_killed_mid_embed_resumes_exactly_once(bucket, ray_local):
+    """The CLI's driver and its Ray SIGKILLed after its first written files: the rerun
+    commits the killed run's finished files (recovered_rows) and embeds exactly the rest,
+    and a third run finds nothing to do."""
     source, out = f"{bucket}/images/", f"{bucket}/emb"
-    storage.put_many(source, _objects(seed=13, n_base=60))
+    objects = _objects(seed=13, n_base=40, min_side=48, max_side=96)  # 80: the run lasts long enough to be killed
+    storage.put_many(source, objects)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "sparse_embed.jobs.cli", "embed", source, "--out", out, "--model", "resnet10t",
            "--decode-batch-size", "4", "--batch-size", "4", "--rows-per-file", "4", "--no-index"]
@@ -116,10 +122,13 @@ def test_driver_killed_mid_embed_resumes_exactly_once(object_store, ray_local):
     emb = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS), ["uri"])
     assert emb is None or emb.num_rows == 0, "nothing is visible before the run commits"
 
-    resumed = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, build_index=False))
-    assert resumed["counts"]["recovered_rows"] >= 8, "finished work of the killed run is kept"
-    assert resumed["counts"]["processed"] < 120
+    cfg = EmbedConfig(source=source, out=out, spec=SPEC, build_index=False)
+    resumed = run_embed(cfg)
+    c = resumed["counts"]
+    assert c["recovered_rows"] > 0, "finished work of the killed run is kept"
+    assert c["processed"] + c["recovered_rows"] == len(objects), c
     _assert_exactly_once(source, out)
+    assert_settled(cfg)
 
 
 def test_model_change_starts_a_new_version_and_keeps_the_old_queryable(day0):

@@ -17,11 +17,17 @@ from sparse_embed.pipeline.index.searcher import ShardedIndex, current_index_id
 
 
 def test_plan_shards_balances_bytes_and_keeps_every_file():
-    sizes = [100, 90, 80, 10, 10, 5, 5]
+    """Greedy, largest file first onto the least-loaded shard. Files of 1..10 bytes (listed
+    smallest first) over 3 shards: 10,9,8 open the shards; 7 joins 8 (15), 6 joins 9 (15),
+    5 joins 10 (15); then 4 -> 19, 3 -> 18, 2 -> 17, 1 -> 18. The max load 19 is the
+    optimum (ceil(55 / 3)); round-robin in listing order gives 1+4+7+10 = 22."""
+    sizes = list(range(1, 11))  # file i holds i + 1 bytes
     groups = plan_shards(sizes, 3)
-    assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
+    assert groups == [[9, 4, 3], [8, 5, 2], [7, 6, 1, 0]]
     loads = [sum(sizes[i] for i in g) for g in groups]
-    assert max(loads) - min(loads) <= 30
+    assert max(loads) == 19
+    round_robin = [sum(sizes[s::3]) for s in range(3)]
+    assert max(round_robin) == 22, "round-robin would fail the max-load assertion above"
     assert plan_shards([7], 4) == [[0]]
     with pytest.raises(ValueError, match="shards >= 1"):
         plan_shards(sizes, 0)

@@ -78,14 +78,38 @@ def test_lock_admits_one_holder_and_expires_when_stale(bucket):
     winners[0].release()
 
 
+class _Clock:
+    """The lock module's `time`, with time() under the test's control (the rest is the real module)."""
+
+    def __init__(self):
+        self.now = time.time()
+
+    def time(self) -> float:
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
 @pytest.mark.integration
-def test_heartbeat_keeps_a_live_lock_fresh(bucket):
-    lock = OutputLock(f"{bucket}/emb", owner="slow-run", ttl_s=1.5).acquire()
-    time.sleep(3.5)  # longer than the ttl: only the heartbeat keeps it
-    with pytest.raises(LockHeld):
-        OutputLock(f"{bucket}/emb", owner="other", ttl_s=1.5).acquire()
-    assert not lock.lost
-    lock.release()
+def test_heartbeat_keeps_a_live_lock_fresh(bucket, monkeypatch):
+    """Deterministic: the lock's clock is the test's, and heartbeats are beat() calls (the
+    heartbeat thread's first one is ttl/3 = 20 min away)."""
+    from sparse_embed.pipeline.store import lock as lock_mod
+
+    clock, ttl = _Clock(), 3600.0
+    monkeypatch.setattr(lock_mod, "time", clock)
+    out = f"{bucket}/emb"
+    lock = OutputLock(out, owner="slow-run", ttl_s=ttl).acquire()
+    try:
+        clock.now += 0.6 * ttl
+        assert lock.beat()
+        clock.now += 0.6 * ttl  # 1.2 ttl after acquiring, 0.6 ttl after the last heartbeat
+        with pytest.raises(LockHeld, match="is locked by run slow-run"):
+            OutputLock(out, owner="other", ttl_s=ttl).acquire()
+        assert not lock.lost and lock.read()[0].owner == "slow-run"
+    finally:
+        lock.release()
 
 
 @pytest.mark.integration

@@ -65,7 +65,7 @@ STAGES = [
     pytest.param("[list] start", id="list", marks=pytest.mark.slow),
     pytest.param("[diff] start", id="diff", marks=pytest.mark.slow),
     pytest.param("[fetch+decode+embed+write] start", id="embed"),
-    pytest.param("[commit]", id="commit"),
+    pytest.param("[commit]", id="commit", marks=pytest.mark.slow),
     pytest.param("[index] start", id="index", marks=pytest.mark.slow),
 ]
 

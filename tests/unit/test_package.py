@@ -26,9 +26,8 @@ def _wheel(tmp_path) -> Path:
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
                                                              ".pytest_cache"))
 
-    isolation = [] if int(setuptools.__version__.split(".")[0]) >= 68 else ["--use-pep517"]
     args = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(src)]
-    if not isolation:
+    if int(setuptools.__version__.split(".")[0]) >= 68:  # pyproject's floor: build with it, no download
         args.insert(5, "--no-build-isolation")
     subprocess.run(args, check=True, capture_output=True, text=True, timeout=300)
     (wheel,) = tmp_path.glob("sparse_embed-*.whl")

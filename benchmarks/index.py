@@ -1,11 +1,15 @@
-"""`sparse-embed bench index`: build an index over N x D seeded vectors in one process and
-sharded on Ray workers, side by side in one run; print build time, peak memory, recall@10
-and queries/s.
+"""`sparse-embed bench index`: build an index over N x D seeded vectors on Ray workers (and,
+with --builds local,ray, in one process too); print build time, the driver's peak RSS,
+recall@10 of new queries and queries/s.
 
 Data: a Delta table of L2-normalised vectors with a low intrinsic dimension (a seeded
-Gaussian in INTRINSIC dims, projected to D, plus noise), written in chunks so RAM stays
-at one chunk. Queries are drawn the same way from another seed: held aside, never indexed.
-Each build runs in a subprocess of its own, so its peak RSS (VmHWM) is its own.
+Gaussian in INTRINSIC dims, projected to D, plus noise), written one file at a time so RAM
+holds one file's rows (at most ROWS_PER_FILE_BYTES of float32). The build tunes nprobe on
+rows it holds out of itself; the benchmark then measures recall@10 of queries drawn the
+same way from another seed (never in the table) by reading the written shard files with
+plain faiss (memory-mapped) at the manifest's search parameters, against brute force over
+the table read file by file. Each build runs in a subprocess of its own, so its peak RSS
+(VmHWM, taken as build_index returns, before the recall check) is the driver's own.
 """
 from __future__ import annotations
 
@@ -21,13 +25,16 @@ from sparse_embed.jobs.options import positive_int
 
 INTRINSIC = 32
 NOISE = 0.05
+ROWS_PER_FILE_BYTES = 256 * 1024**2  # float32 bytes per generated file (the generator's RAM)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vectors", type=positive_int, default=1_000_000, help="number of database vectors (default 1M)")
     p.add_argument("--dim", type=positive_int, default=256, help="vector dimension (default 256)")
     p.add_argument("--queries", type=positive_int, default=1000, help="held-aside query vectors for recall and queries/s (default 1000)")
-    p.add_argument("--files", type=positive_int, default=16, help="Parquet files (appends) the table is written in (default 16)")
+    p.add_argument("--files", type=positive_int, default=None,
+                   help="Parquet files (appends) the table is written in (default: 16, or more to keep a file under 256 MiB)")
+    p.add_argument("--builds", default="ray", help="comma list of builds to run: ray, local (default ray)")
     p.add_argument("--memory-budget", default="300MB",
                    help="index memory budget passed to the planner (default 300MB: IVF,SQ8 for 1M x 256)")
     p.add_argument("--nlist", type=positive_int, default=1024,
@@ -59,6 +66,7 @@ def write_table(uri: str, n: int, dim: int, files: int, seed: int) -> None:
     from sparse_embed.pipeline.store import tables
 
     schema = tables.embeddings_schema(dim)
+    files = max(files or 16, -(-n * dim * 4 // ROWS_PER_FILE_BYTES))
     bounds = [n * i // files for i in range(files + 1)]
     for f, (a, b) in enumerate(zip(bounds, bounds[1:])):
         x = generate(b - a, dim, seed * 100003 + f)
@@ -78,22 +86,60 @@ def _one_build(args) -> dict:
     """Runs in its own process: one build, its numbers as a dict."""
     from sparse_embed.pipeline.index.build import BuildConfig, build_index, peak_rss_bytes
 
-    queries = generate(args.queries, args.dim, seed=args.seed * 100003 + 99991)
     if args.mode == "ray":
         import ray
 
         ray.init(num_cpus=args.workers, include_dashboard=False, object_store_memory=512 * 1024**2)
     t0 = time.perf_counter()
     m = build_index(BuildConfig(f"{args.workdir}/embeddings", f"{args.workdir}/index_{args.mode}", memory_budget=args.memory_budget,
-                    nlist=args.nlist, target_recall=args.target_recall, executor=args.mode, queries=queries,
+                    nlist=args.nlist, target_recall=args.target_recall, executor=args.mode,
                     shards=args.workers if args.mode == "ray" else 1))
     wall = time.perf_counter() - t0
+    driver_peak = peak_rss_bytes()  # before the recall check below, which reads the index
+    queries = generate(args.queries, args.dim, seed=args.seed * 100003 + 99991)
+    t1 = time.perf_counter()
+    new_recall = plain_faiss_recall(f"{args.workdir}/index_{args.mode}/{m['index_id']}", m, f"{args.workdir}/embeddings", queries)
     t = m["tuning"]
     return {"mode": args.mode, "factory": m["factory"], "slices": len(m["build"]["slices"]), "build_s": wall,
-            **m["build"]["timings"], "driver_peak_rss": peak_rss_bytes(),
+            **m["build"]["timings"], "driver_peak_rss": driver_peak,
             "worker_peak_rss": max(s["peak_rss"] for s in m["build"]["slices"]) if args.mode == "ray" else 0,
-            "recall_at_10": m["recall_at_10"], "search_params": m["search_params"], "qps": t["queries_per_s"],
-            "ms_per_query": t["latency_ms_per_query"], "reached_target": t["reached_target"]}
+            "recall_at_10": m["recall_at_10"], "self_recall": m["recall"]["self"], "new_query_recall": new_recall,
+            "check_s": time.perf_counter() - t1, "search_params": m["search_params"], "qps": t["queries_per_s"],
+            "ms_per_query": t["latency_ms_per_query"], "reached_target": t["reached_target"], "files": len(m["shards"]),
+            "index_bytes": sum(os.path.getsize(f"{args.workdir}/index_{args.mode}/{m['index_id']}/{s['file']}")
+                               for s in m["shards"])}
+
+
+def plain_faiss_recall(index_dir: str, manifest: dict, table: str, queries, k: int = 10) -> float:
+    """recall@k of `queries` over the written shard files opened with plain faiss
+    (IO_FLAG_MMAP) at the manifest's search parameters, against brute force over the
+    table version read one file at a time."""
+    import faiss
+    import numpy as np
+
+    from sparse_embed.pipeline.index.snapshot import TableSnapshot, read_file, vectors_of
+    from sparse_embed.pipeline.index.tune import exact_topk, merge_topk, recall_at_k
+
+    ids, scores = [], []
+    ps = faiss.ParameterSpace()
+    for s in manifest["shards"]:
+        index = faiss.read_index(f"{index_dir}/{s['file']}", faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        for name, value in manifest["search_params"].items():
+            ps.set_index_parameter(index, name, value)
+        d, i = index.search(queries, k)
+        ids.append(i)
+        scores.append(d)
+        del index
+    found, _ = merge_topk(ids, scores, k)
+    snap = TableSnapshot(table, manifest["table_version"])
+    ex_i = np.full((len(queries), 0), -1, dtype="int64")
+    ex_s = np.zeros((len(queries), 0), dtype="float32")
+    for p in snap.paths:
+        t = read_file(p, table, ["image_id", "embedding"])
+        i, s = exact_topk(queries, vectors_of(t.column("embedding")), t.column("image_id").to_numpy().astype("int64"), k)
+        ex_i, ex_s = merge_topk([ex_i, i], [ex_s, s], k)
+        del t
+    return recall_at_k(found, ex_i)
 
 
 def _gb(b: float) -> str:
@@ -116,10 +162,14 @@ def run(args) -> int:
             write_table(f"{args.workdir}/embeddings", args.vectors, args.dim, args.files, args.seed)
         print(f"[bench index] table of {args.vectors} x {args.dim} float32 ready in {time.perf_counter() - t0:.1f} s", flush=True)
         rows = []
-        for mode in ("local", "ray"):
+        for mode in [b.strip() for b in args.builds.split(",") if b.strip()]:
+            if mode not in ("local", "ray"):
+                raise ValueError(f"Expected --builds made of ray and local, got {args.builds!r}")
+            print(f"[bench index] {mode} build ...", flush=True)
             cmd = [sys.executable, "-m", "sparse_embed.jobs.cli", "bench", "index", "--mode", mode, "--workdir", args.workdir,
                    "--vectors", str(args.vectors), "--dim", str(args.dim), "--queries", str(args.queries),
                    "--memory-budget", str(args.memory_budget), "--nlist", str(args.nlist), "--workers", str(args.workers),
+                   "--builds", args.builds,
                    "--target-recall", str(args.target_recall), "--seed", str(args.seed)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
@@ -134,18 +184,18 @@ def run(args) -> int:
 
 
 def print_table(rows: list[dict], args) -> None:
-    head = ("build", "factory", "slices", "train s", "add s", "merge s", "tune s", "total s", "driver peak GiB",
-            "worker peak GiB", "recall@10", "params", "queries/s", "ms/query (1 at a time)")
-    print(f"\n{args.vectors} x {args.dim} float32, {args.queries} held-aside queries, budget {args.memory_budget}, "
+    head = ("build", "factory", "files", "index GiB", "train s", "add s", "tune s", "merge s", "total s", "driver peak GiB",
+            "worker peak GiB", "recall@10 held-out rows (tuned on)", "recall@10 self", "recall@10 new queries, plain faiss",
+            "params", "queries/s", "ms/query (1 at a time)")
+    print(f"\n{args.vectors} x {args.dim} float32, {args.queries} new queries, budget {args.memory_budget}, "
           f"target recall@10 {args.target_recall}\n")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
-        name = "single process" if r["mode"] == "local" else f"Ray, {r['slices']} workers"
+        name = "single process" if r["mode"] == "local" else f"Ray, {r['slices']} slices"
         params = ",".join(f"{k}={v}" for k, v in r["search_params"].items()) or "exact"
-        print(f"| {name} | {r['factory']} | {r['slices']} | {r['train_s']:.1f} | {r['add_s']:.1f} | {r['merge_s']:.1f} | "
-              f"{r['tune_s']:.1f} | {r['build_s']:.1f} | {_gb(r['driver_peak_rss'])} | {_gb(r['worker_peak_rss'])} | "
-              f"{r['recall_at_10']:.4f} | {params} | {r['qps']:.0f} | {r['ms_per_query']:.2f} |")
-    if len(rows) == 2:
-        print(f"\nsharded / single-process build time: {rows[1]['build_s'] / rows[0]['build_s']:.2f}x "
-              f"(add phase {rows[1]['add_s'] / max(rows[0]['add_s'], 1e-9):.2f}x)")
+        print(f"| {name} | {r['factory']} | {r['files']} | {_gb(r['index_bytes'])} | {r['train_s']:.1f} | {r['add_s']:.1f} | "
+              f"{r['tune_s']:.1f} | {r['merge_s']:.1f} | {r['build_s']:.1f} | {_gb(r['driver_peak_rss'])} | "
+              f"{_gb(r['worker_peak_rss'])} | {r['recall_at_10']:.4f} | {r['self_recall']:.4f} | {r['new_query_recall']:.4f} | "
+              f"{params} | {r['qps']:.0f} | {r['ms_per_query']:.2f} |")
+    print("\nBENCH_ROWS " + json.dumps(rows))

@@ -15,9 +15,13 @@ from pathlib import Path
 SUITES = {
     "encoders": ("encoders", "images/s and peak memory of the encoders at several input sizes"),
     "sparse": ("sparse_encoders", "LookupViT and top-k against dense ViTs: MACs, paired speedup, embedding cosine"),
-    "index": ("index", "index build single-process vs sharded on Ray, peak memory, recall@10, queries/s"),
+    "index": ("index", "index build on Ray (and/or single-process): build time, driver peak RSS, recall@10 of new queries read with plain faiss"),
+    "index-serving": ("index_serving", "searcher RSS after opening vs index bytes, cold/warm latency, a 1%% update vs a rebuild"),
     "pipeline": ("pipeline", "pipeline throughput against its encoder, decode and a DataLoader loop; memory; listing"),
     "incremental": ("incremental", "a nightly run with one percent changed against a full run, in one run"),
+    "fidelity": ("fidelity", "bf16 against fp32 per encoder family: embedding cosine, routing/top-k agreement"),
+    "scale": ("scale", "metadata stages (inventory listing, diff, ids, commits) of a first run and a one percent nightly at 1e6/1e7 objects"),
+    "serve": ("serve", "p50/p99 latency of the search server's POST /api/search by image_id and by upload"),
 }
 
 

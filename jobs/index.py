@@ -36,10 +36,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "for --target-recall against exact search, and move CURRENT to it.")
     _common(b)
     b.add_argument("--memory-budget", type=memory_size, default="16GB",
-                   help="memory the served index may take, e.g. 16GB, 512MiB (default 16GB); decides the index type")
+                   help="memory of one serving node for the index, e.g. 16GB, 512MiB (default 16GB); decides the index type")
     b.add_argument("--nlist", type=positive_int, default=None, help="IVF list count (default: from the faiss guidelines)")
     b.add_argument("--layout", choices=LAYOUTS, default="auto",
-                   help="merged: one index file; shards: one file per slice; auto: merged for IVF, shards for flat")
+                   help="merged: one index file (merged on disk in a task); shards: one file per slice; auto: merged "
+                        "for IVF within one node's --memory-budget, shards for flat and beyond one node")
+    b.add_argument("--serving-nodes", type=positive_int, default=1,
+                   help="serving nodes of --memory-budget each that the index may be spread over as shards (default 1)")
+    b.add_argument("--accept-lower-recall", action="store_true",
+                   help="build even when the planner expects the budget's codes to miss --target-recall "
+                        "(without it such a plan stops before building, naming the budget that would reach it)")
     u = sub.add_parser("update", help="bring the CURRENT index up to a table version: add new, remove deleted, or rebuild",
                        description="Add new and changed vectors and remove deleted ones relative to the index CURRENT points "
                                    "to; rebuild instead when the table grew past --rebuild-growth, the model changed, or "
@@ -65,9 +71,17 @@ def run(args) -> int:
         return 0
     how = manifest.get("update") and f"updated from {manifest['update']['parent']}" or manifest["build"].get("rebuild_reason") or "built"
     print(f"index {manifest['index_id']} ({how}): {manifest['ntotal']} vectors, {manifest['factory']}, dim {manifest['dim']}, "
-          f"{len(manifest['shards'])} file(s), table v{manifest['table_version']}, recall@10 {manifest['recall_at_10']:.4f}, "
-          f"search {manifest['search_params'] or 'exact'}")
+          f"{len(manifest['shards'])} file(s), table v{manifest['table_version']}, recall@10 {manifest['recall_at_10']:.4f}"
+          f"{_recall_detail(manifest)}, search {manifest['search_params'] or 'exact'}")
     return 0
+
+
+def _recall_detail(manifest: dict) -> str:
+    """' (held-out; self 0.9700)' for a build that recorded both figures, else ''."""
+    r = manifest.get("recall") or {}
+    if r.get("self") is None or manifest.get("update"):
+        return ""
+    return f" ({'held-out' if r.get('held_out_kind', '').startswith('table rows held') else r.get('held_out_kind')}; self {r['self']:.4f})"
 
 
 def _build_or_update(args) -> dict | None:
@@ -81,4 +95,5 @@ def _build_or_update(args) -> dict | None:
 
     return build_index(BuildConfig(args.table, args.out, shards=args.shards, version=args.version,
                                    memory_budget=args.memory_budget, nlist=args.nlist, layout=args.layout,
-                                   target_recall=args.target_recall))
+                                   target_recall=args.target_recall, accept_lower_recall=args.accept_lower_recall,
+                                   serving_nodes=args.serving_nodes))

@@ -8,11 +8,14 @@ import uuid
 from datetime import datetime, timezone
 
 from sparse_embed.pipeline.index.searcher import ShardedIndex
-from sparse_embed.pipeline.index.tune import RECALL_K, tune
+from sparse_embed.pipeline.index.tune import RECALL_K, TIE_MARGIN, tune
 from sparse_embed.pipeline.store import storage
 from sparse_embed.pipeline.store.lock import check_before_commit
 
 log = logging.getLogger(__name__)
+
+TRUTH_FILE = "truth.npz"
+TRUTH_DEPTH = 64  # exact neighbours kept per recall query: updates drop removed ids from them (delta.update_truth)
 
 
 def new_index_id(table_version: int) -> str:
@@ -71,9 +74,49 @@ def publish(index_root: str, index_id: str) -> None:
     storage.write_bytes_atomic(storage.join(index_root, "CURRENT"), index_id.encode())
 
 
+def write_truth(index_dir: str, queries, self_ids, exact_ids, exact_scores) -> dict:
+    """Save recall queries and their exact neighbours in the index as written (own ids
+    dropped) beside it, so the next update can bring them up to date from its changes alone
+    (delta.update_truth); returns the manifest's "truth" entry. An update writes one; a
+    build's tuning runs before its held-out rows join the index, so its lists do not fit
+    the final index and a build writes none."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, queries=np.asarray(queries, dtype="float32"), exact_ids=np.asarray(exact_ids, dtype="int64"),
+             exact_scores=np.asarray(exact_scores, dtype="float32"),
+             self_ids=np.asarray([] if self_ids is None else self_ids, dtype="int64"), has_self=self_ids is not None)
+    storage.write_bytes_atomic(storage.join(index_dir, TRUTH_FILE), buf.getvalue())
+    return {"file": TRUTH_FILE, "depth": int(np.asarray(exact_ids).shape[1]) if np.asarray(exact_ids).ndim == 2 else 0}
+
+
+def read_truth(index_root: str, manifest: dict):
+    """(queries, self_ids or None, exact_ids, exact_scores) an index recorded, or None."""
+    import io
+
+    import numpy as np
+
+    entry = manifest.get("truth")
+    if not entry:
+        return None
+    try:
+        data = np.load(io.BytesIO(storage.read_bytes(storage.join(index_root, entry.get("index_id") or manifest["index_id"],
+                                                                   entry["file"]))))
+    except FileNotFoundError:
+        return None
+    return data["queries"], (data["self_ids"] if bool(data["has_self"]) else None), data["exact_ids"], data["exact_scores"]
+
+
 def verify_and_tune(index_root: str, index_id: str, manifest: dict, queries, exact_ids, self_ids, target: float,
                     exact_scores=None) -> dict:
-    """Open the written index the way search does, tune it, record the result."""
+    """Open the written index the way search does, tune it, record the result. `exact_ids`
+    may hold more than RECALL_K + TIE_MARGIN neighbours per query (own ids dropped): the
+    first RECALL_K + TIE_MARGIN tune."""
+    exact_ids = exact_ids[:, :RECALL_K + TIE_MARGIN]
+    if exact_scores is not None:
+        exact_scores = exact_scores[:, :RECALL_K + TIE_MARGIN]
     index = ShardedIndex.open(index_root, index_id=index_id)
     result = tune(index, queries, exact_ids, nlist=manifest["plan"]["nlist"],
                   hnsw_quantizer=manifest["plan"]["hnsw_quantizer"], target=target, k=RECALL_K, self_ids=self_ids,

@@ -1,20 +1,33 @@
-"""Search a sharded index: shards cached locally, top-k merged across shards, ids mapped to URIs,
-the index's tuned search parameters (nprobe, efSearch) applied on open.
+"""Search a sharded index: shards streamed into a local cache and opened memory-mapped, top-k
+merged across shards, ids mapped to URIs through memory-mapped id maps (idmap.py), the
+index's tuned search parameters (nprobe, efSearch) applied on open.
 
-Index directories are immutable once written (a new build gets a new index_id), so the
-local cache is keyed by index_id and never needs invalidating.
+An index is its manifest's shards: the base shards of a build, plus the delta shards of
+later updates (update.py), which may live in the directory of an earlier index_id (an
+entry's "index_id"). Ids removed from the base shards since the build form the manifest's
+deletion set, applied at search time through an IDSelector on the base shards only.
+
+Index directories are immutable once written (a new build or update gets a new index_id),
+so the local cache is keyed by the index_id that owns each file and never needs
+invalidating; an update's index shares its base shards' cached files with its parent.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from sparse_embed.pipeline.store import storage
 from sparse_embed.pipeline.index.tune import merge_topk
 
+log = logging.getLogger(__name__)
+
 CACHE_DIR = Path(os.environ.get("SPARSE_EMBED_CACHE", Path.home() / ".cache" / "sparse-embed"))
+DEFAULT_CHECK_EVERY_S = 30.0  # how often a long-lived searcher reads CURRENT
 
 
 def current_index_id(index_root: str) -> str:
@@ -29,17 +42,90 @@ def current_index_id(index_root: str) -> str:
                                 f"(it builds OUT/index) or `sparse-embed index build --table OUT/embeddings --out OUT/index` first") from None
 
 
+def read_manifest(index_root: str, index_id: str) -> dict:
+    return json.loads(storage.read_bytes(storage.join(index_root, index_id, "manifest.json")))
+
+
+def file_uri(index_root: str, manifest: dict, entry: dict) -> str:
+    """URI of a manifest entry's file (a shard, an id map): in the directory of the index_id
+    the entry names (an update's base shards stay in the build's directory), else the manifest's."""
+    return storage.join(index_root, entry.get("index_id") or manifest["index_id"], entry["file"])
+
+
+def shard_uris(index_root: str, manifest: dict) -> list[str]:
+    """Every shard file of the index, base shards first, then delta shards."""
+    return [file_uri(index_root, manifest, s) for s in manifest["shards"]]
+
+
 def _cached(uri: str, index_id: str) -> str:
-    """Local path of `uri`, downloaded once into the cache."""
+    """Local path of `uri`: the file itself when local, else a copy in the cache, downloaded
+    once by streaming (s3fs reads it in blocks; the whole file is never in memory)."""
     if not storage.is_s3(uri):
         return storage.strip_scheme(uri)
     local = CACHE_DIR / "index" / index_id / uri.rsplit("/", 1)[-1]
     if not local.exists():
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_suffix(local.suffix + f".tmp-{os.getpid()}")
-        tmp.write_bytes(storage.read_bytes(uri))
-        os.replace(tmp, local)
+        tmp = local.with_suffix(local.suffix + f".tmp-{os.getpid()}-{threading.get_ident()}")
+        try:
+            storage.filesystem(uri).get_file(storage.strip_scheme(uri), str(tmp))
+            os.replace(tmp, local)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
     return str(local)
+
+
+def open_shard(path: str, *, mmap: bool = True):
+    """A shard file as a faiss index: memory-mapped and read-only (flat codes and IVF lists
+    stay in the page cache, not in this process's heap), or read fully (mmap False)."""
+    import faiss
+
+    if not mmap:
+        return faiss.read_index(path)
+    base = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    try:
+        return faiss.read_index(path, base | faiss.IO_FLAG_MMAP_IFC)  # flat codes mapped too
+    except RuntimeError:  # IVF: its lists are mapped by IO_FLAG_MMAP; faiss refuses IFC there
+        return faiss.read_index(path, base)
+
+
+def _id_map_path(index_root: str, manifest: dict, entry: dict) -> str:
+    """Local path of an id map run: a written .arrow run, or one made once in the cache from
+    an ids Parquet file of an index written before id maps (sorted within that file)."""
+    owner = entry.get("index_id") or manifest["index_id"]
+    uri = file_uri(index_root, manifest, entry)
+    if entry["file"].endswith(".arrow"):
+        return _cached(uri, owner)
+    import pyarrow.parquet as pq
+
+    from sparse_embed.pipeline.index.idmap import write_id_map
+
+    local = CACHE_DIR / "index" / owner / (entry["file"].rsplit(".", 1)[0] + ".arrow")
+    if not local.exists():
+        t = pq.read_table(_cached(uri, owner))
+        names = t.column_names
+        write_id_map(str(local), t.column("image_id"), t.column("uri") if "uri" in names else None,
+                     t.column("etag") if "etag" in names else None)
+    return str(local)
+
+
+def id_map_entries(manifest: dict) -> list[dict]:
+    """The manifest's id map runs, oldest first: "id_maps" entries, else its ids files."""
+    if manifest.get("id_maps") is not None:
+        return manifest["id_maps"]
+    files = manifest.get("ids_files") or [s["ids_file"] for s in manifest["shards"] if "ids_file" in s]
+    return [{"file": f} for f in files]
+
+
+def read_deleted(index_root: str, manifest: dict):
+    """The deletion set (sorted int64 ids removed from the base shards), empty when none."""
+    import numpy as np
+
+    entry = manifest.get("deleted")
+    if not entry or not entry.get("count"):
+        return np.zeros(0, dtype="int64")
+    path = _cached(file_uri(index_root, manifest, entry), entry.get("index_id") or manifest["index_id"])
+    return np.load(path)
 
 
 @dataclass
@@ -51,32 +137,39 @@ class SearchHit:
 
 
 class ShardedIndex:
-    """The shards of one index (a shard set, or one merged file), searched together."""
+    """The shards of one index (a shard set, or one merged file, plus delta shards), searched together."""
 
-    def __init__(self, manifest: dict, shards: list, ids, uris):
+    def __init__(self, manifest: dict, shards: list, id_maps, deleted=None, delta: list[bool] | None = None):
+        import numpy as np
+
         self.manifest = manifest
         self.shards = shards
-        self._ids = ids  # (n,) int64, sorted
-        self._uris = uris  # pyarrow string array aligned with _ids
+        self.id_maps = id_maps  # idmap.IdMapSet
+        self.deleted = np.zeros(0, dtype="int64") if deleted is None else deleted  # sorted; hidden in base shards
+        self.delta = delta or [False] * len(shards)  # which shards are an update's delta (no deletion set)
+        self._selector = None
+        if len(self.deleted):
+            import faiss
+
+            self._selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self.deleted))
         self.set_search_params(manifest.get("search_params") or {})
 
     @classmethod
-    def open(cls, index_root: str, *, index_id: str | None = None) -> "ShardedIndex":
-        import faiss
-        import numpy as np
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    def open(cls, index_root: str, *, index_id: str | None = None, mmap: bool = True) -> "ShardedIndex":
+        """Stream the index's files into the cache (S3) and open them memory-mapped (or read
+        fully with mmap=False); opening reads no vector into this process's heap."""
+        from sparse_embed.pipeline.index.idmap import IdMap, IdMapSet
 
         index_id = index_id or current_index_id(index_root)
-        index_dir = storage.join(index_root, index_id)
-        manifest = json.loads(storage.read_bytes(storage.join(index_dir, "manifest.json")))
-        shards = [faiss.read_index(_cached(storage.join(index_dir, s["file"]), index_id)) for s in manifest["shards"]]
-        ids_files = manifest.get("ids_files") or [s["ids_file"] for s in manifest["shards"]]
-        parts = [pq.read_table(_cached(storage.join(index_dir, f), index_id), columns=["image_id", "uri"]) for f in ids_files]
-        t = pa.concat_tables(parts) if parts else pa.table({"image_id": pa.array([], pa.int64()), "uri": pa.array([], pa.string())})
-        ids = t.column("image_id").to_numpy().astype("int64")
-        order = np.argsort(ids, kind="stable")
-        return cls(manifest, shards, ids[order], t.column("uri").combine_chunks().take(order))
+        manifest = read_manifest(index_root, index_id)
+        shards = [open_shard(_cached(file_uri(index_root, manifest, s), s.get("index_id") or index_id), mmap=mmap)
+                  for s in manifest["shards"]]
+        entries = id_map_entries(manifest)
+        runs = [IdMap(_id_map_path(index_root, manifest, e)) for e in entries]
+        first_live = next((i for i, e in enumerate(entries) if e.get("delta")), len(entries))
+        deleted = read_deleted(index_root, manifest)
+        return cls(manifest, shards, IdMapSet(runs, deleted, first_live), deleted,
+                   [bool(s.get("delta")) for s in manifest["shards"]])
 
     def set_search_params(self, params: dict) -> None:
         """nprobe / quantizer_efSearch on every IVF shard (flat shards have none)."""
@@ -89,14 +182,17 @@ class ShardedIndex:
             for name, value in params.items():
                 ps.set_index_parameter(shard, name, value)
         self.search_params = dict(params)
+        self._params = [None if (d or self._selector is None) else _selector_params(s, self._selector)
+                        for s, d in zip(self.shards, self.delta)]
 
     @property
     def ntotal(self) -> int:
-        return int(sum(s.ntotal for s in self.shards))
+        return int(sum(s.ntotal for s in self.shards) - len(self.deleted))
 
     def search_vectors(self, queries, k: int, *, batch_size: int = 4096):
         """(Q, D) float32 -> ids (Q, k), scores (Q, k), best first; -1 pads when ntotal < k.
-        Queries go to faiss in batches of `batch_size` (one call per shard per batch)."""
+        Queries go to faiss in batches of `batch_size` (one call per shard per batch); the
+        deletion set hides removed ids in the base shards."""
         import numpy as np
 
         q = np.ascontiguousarray(queries, dtype="float32")
@@ -106,8 +202,8 @@ class ShardedIndex:
         for start in range(0, max(1, len(q)), batch_size):
             batch = q[start:start + batch_size]
             ids, scores = [], []
-            for shard in self.shards:
-                s, i = shard.search(batch, k)
+            for shard, params in zip(self.shards, self._params):
+                s, i = shard.search(batch, k, params=params) if params is not None else shard.search(batch, k)
                 ids.append(i)
                 scores.append(s)
             bi, bs = merge_topk(ids, scores, k)
@@ -115,26 +211,92 @@ class ShardedIndex:
             out_scores.append(bs)
         return np.concatenate(out_ids), np.concatenate(out_scores)
 
-    def uri_of(self, image_id: int) -> str:
-        import numpy as np
+    def uri_of(self, image_id: int) -> str | None:
+        return self.id_maps.lookup([int(image_id)])[0]
 
-        pos = int(np.searchsorted(self._ids, image_id))
-        return self._uris[pos].as_py() if pos < len(self._ids) and self._ids[pos] == image_id else None
+    def uris_of(self, image_ids) -> list:
+        """uri per id (None for ids the index does not hold), one vectorised lookup."""
+        return self.id_maps.lookup(image_ids)
+
+    def live_ids(self):
+        """Sorted image_ids of every vector the index serves (reads every id map: small indexes, tests)."""
+        return self.id_maps.live_table().column("image_id").to_numpy()
 
     @property
     def uris(self) -> dict[int, str]:
         """image_id -> uri for every vector (builds a dict: for small indexes and tests)."""
-        return dict(zip(self._ids.tolist(), self._uris.to_pylist()))
+        t = self.id_maps.live_table()
+        return dict(zip(t.column("image_id").to_pylist(), t.column("uri").to_pylist()))
 
     def hits(self, queries, k: int) -> list[list[SearchHit]]:
         ids, scores = self.search_vectors(queries, k)
-        return [[SearchHit(r + 1, int(i), float(s), self.uri_of(int(i))) for r, (i, s) in enumerate(zip(row_i, row_s)) if i >= 0]
-                for row_i, row_s in zip(ids, scores)]
+        uris = self.uris_of(ids.reshape(-1)) if ids.size else []
+        per_row = [uris[r * k:(r + 1) * k] for r in range(len(ids))]
+        return [[SearchHit(r + 1, int(i), float(s), u) for r, (i, s, u) in enumerate(zip(row_i, row_s, row_u)) if i >= 0]
+                for row_i, row_s, row_u in zip(ids, scores, per_row)]
 
     def vectors_for_ids(self, image_ids: list[int]):
         """The table rows the index was built from, for `image_ids`: (vectors (n, D) in the
         order asked, uris). Raises ValueError naming ids the table version lacks."""
         return vectors_for_ids(self.manifest["table"], self.manifest.get("table_version"), image_ids)
+
+
+def _selector_params(shard, selector):
+    """faiss search parameters that carry `selector` and the shard's own current settings
+    (parameters passed to search replace the index's nprobe/efSearch, so they are copied)."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(shard)
+    if ivf is None:
+        return faiss.SearchParameters(sel=selector)
+    params = faiss.SearchParametersIVF(sel=selector, nprobe=int(ivf.nprobe))
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        params.quantizer_params = faiss.SearchParametersHNSW(efSearch=int(quantizer.hnsw.efSearch))
+    if isinstance(shard, faiss.IndexPreTransform):
+        return faiss.SearchParametersPreTransform(index_params=params)
+    return params
+
+
+class IndexHolder:
+    """A long-lived searcher: opens the index CURRENT points to once, and `current()` reads
+    CURRENT again at most every `check_every_s` seconds, opening a new index when it moved
+    and swapping it in whole. Searches already holding the previous index finish on it; a
+    failed check or open logs a warning and keeps serving the previous index."""
+
+    def __init__(self, index_root: str, *, check_every_s: float = DEFAULT_CHECK_EVERY_S, clock=time.monotonic):
+        if check_every_s < 0:
+            raise ValueError(f"Expected check_every_s >= 0, got {check_every_s!r}")
+        self.index_root, self.check_every_s, self._clock = index_root, check_every_s, clock
+        self._index = ShardedIndex.open(index_root)
+        self._checked = clock()
+        self._reloading = threading.Lock()
+
+    def current(self) -> ShardedIndex:
+        now = self._clock()
+        if now - self._checked >= self.check_every_s and self._reloading.acquire(blocking=False):
+            try:
+                self._checked = now
+                self.reload()
+            finally:
+                self._reloading.release()
+        return self._index
+
+    def reload(self) -> bool:
+        """Read CURRENT now; open and swap in the index it names if it is not the one held.
+        True when a new index was swapped in."""
+        try:
+            index_id = current_index_id(self.index_root)
+            if index_id == self._index.manifest["index_id"]:
+                return False
+            fresh = ShardedIndex.open(self.index_root, index_id=index_id)
+        except Exception as e:  # noqa: BLE001 - keep serving the open index; the next check retries
+            log.warning("index %s: keeping %s: could not open the new CURRENT: %s: %s", self.index_root,
+                        self._index.manifest["index_id"], type(e).__name__, e)
+            return False
+        self._index = fresh  # one reference assignment: readers see the old or the new index, whole
+        log.info("index %s: now serving %s", self.index_root, index_id)
+        return True
 
 
 def vectors_for_ids(table_uri: str, version: int | None, image_ids: list[int]):

@@ -21,16 +21,26 @@ def ids_schema():
 
 
 def vectors_of(column):
-    """An embedding column -> (n, D) float32. Files this job writes hold fixed_size_list;
-    files deltalake rewrites (deletes, merges) hold list, since Delta has no fixed-size
-    array type. Both read the same."""
+    """An embedding column -> (n, D) float32, chunk by chunk from each chunk's flat values
+    (no concatenation of Arrow lists, so no 32-bit list offsets past 2^31 floats). Files
+    this job writes hold fixed_size_list; files deltalake rewrites (deletes, merges) hold
+    list, since Delta has no fixed-size array type. Both read the same."""
     import numpy as np
 
-    emb = column.combine_chunks() if hasattr(column, "combine_chunks") else column
-    if len(emb) == 0:
+    chunks = column.chunks if hasattr(column, "chunks") else [column]
+    parts = [_chunk_vectors(c) for c in chunks if len(c)]
+    if not parts:
         return np.zeros((0, 0), dtype="float32")
-    flat = emb.flatten().to_numpy(zero_copy_only=False)
-    return np.ascontiguousarray(flat.reshape(len(emb), -1), dtype="float32")
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _chunk_vectors(chunk):
+    """One Arrow list array -> (n, D) float32; `flatten` honours the chunk's slice offset,
+    and for a fixed_size_list it is a zero-copy view of the child values."""
+    import numpy as np
+
+    flat = chunk.flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat.reshape(len(chunk), -1), dtype="float32")
 
 
 def read_file(path: str, table_uri: str, columns=("image_id", "uri", "etag", "embedding")):
@@ -46,12 +56,7 @@ def read_file(path: str, table_uri: str, columns=("image_id", "uri", "etag", "em
     for c in columns:
         if c not in present and c in OPTIONAL_COLUMNS:
             t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
-    t = t.select(list(columns))
-    if "embedding" in t.column_names and pa.types.is_fixed_size_list(t.schema.field("embedding").type):
-        # Files deltalake rewrote hold list<float>: one type, so slices concatenate.
-        i = t.schema.get_field_index("embedding")
-        t = t.set_column(i, "embedding", t.column("embedding").cast(pa.list_(pa.float32())))
-    return t
+    return t.select(list(columns))  # embedding as the file stores it: vectors_of reads either list type
 
 
 class TableSnapshot:
@@ -101,24 +106,13 @@ class TableSnapshot:
             return typ.list_size
         return vectors_of(read_file(self.paths[first], self.uri, ["embedding"]).column("embedding")).shape[1]
 
-    def sample(self, count: int, seed: int, *, columns=("image_id", "embedding")):
-        """`count` rows drawn uniformly from a seeded random subset of files holding at
-        least 4x `count` rows (all files for small tables): (ids, vectors)."""
-        import numpy as np
-        import pyarrow as pa
+    def sample(self, count: int, seed: int, *, exclude=None):
+        """`count` rows drawn uniformly without replacement (a per-file quota, then a
+        reservoir per file, in this process): (ids, vectors). `exclude`: image_ids never drawn.
+        For training samples, sample.sample_in_tasks draws the same way in Ray tasks."""
+        from sparse_embed.pipeline.index.sample import sample_local
 
-        rng = np.random.default_rng(seed)
-        order = [i for i in rng.permutation(len(self.paths)) if self.rows[i]]
-        chosen, have = [], 0
-        for i in order:
-            chosen.append(i)
-            have += self.rows[i]
-            if have >= 4 * count:
-                break
-        t = pa.concat_tables([read_file(self.paths[i], self.uri, list(columns)) for i in sorted(chosen)])
-        take = np.sort(rng.choice(t.num_rows, size=min(count, t.num_rows), replace=False))
-        t = t.take(take)
-        return t.column("image_id").to_numpy().astype("int64"), vectors_of(t.column("embedding"))
+        return sample_local(self, count, seed, exclude=exclude)
 
 
 def model_version_of(snap: TableSnapshot) -> str | None:
@@ -127,5 +121,8 @@ def model_version_of(snap: TableSnapshot) -> str | None:
     first = next((i for i, r in enumerate(snap.rows) if r), None)
     if first is None or "model_version" not in snap.columns:
         return None
-    col = read_file(snap.paths[first], snap.uri, ["model_version"]).column("model_version")
+    import pyarrow as pa
+
+    # files deltalake rewrites (deletes) hold string_view, which pc.min does not take
+    col = read_file(snap.paths[first], snap.uri, ["model_version"]).column("model_version").cast(pa.string())
     return pc.min(col).as_py() if len(col) else None

@@ -3,7 +3,12 @@ replace changed ones, relative to the index CURRENT points to; or rebuild when t
 says so. Always publishes a new index_id (index directories are immutable, so search
 caches keyed by index_id stay valid) and moves CURRENT only when it is complete.
 
-Diff: the table version's (image_id, etag) pairs against the index's ids files. A URI
+An update writes a delta shard and a deletion set (delta.py) and leaves the build's base
+shards untouched where they are: it opens the current index memory-mapped, reads only the
+table files written since the indexed version for the added rows, and brings the recall
+ground truth up to date from the changes.
+
+Diff: the table version's (image_id, etag) pairs against the index's id maps. A URI
 keeps its image_id when its object changes, so a changed etag means remove + add.
 """
 from __future__ import annotations
@@ -15,7 +20,10 @@ from datetime import datetime, timezone
 
 from sparse_embed.pipeline.index.build import DEFAULT_TARGET_RECALL, BuildConfig, build_index, plan_shards
 from sparse_embed.pipeline.index.plan import parse_bytes, plan_index, rebuild_reason
-from sparse_embed.pipeline.index.publish import current_manifest, new_index_id, publish, verify_and_tune, write_manifest
+from sparse_embed.pipeline.index.delta import (DELTA_MAX_FRACTION, delta_rebuild_reason, empty_delta, split_removed,
+                                               union_sorted, update_truth)
+from sparse_embed.pipeline.index.publish import (TRUTH_DEPTH, current_manifest, new_index_id, publish, read_truth,
+                                                 verify_and_tune, write_manifest, write_truth)
 from sparse_embed.pipeline.index.snapshot import TableSnapshot, model_version_of, read_file, vectors_of
 from sparse_embed.pipeline.index.tune import RECALL_K, RECALL_QUERIES, TIE_MARGIN, drop_self, exact_topk, merge_topk
 from sparse_embed.pipeline.store import storage
@@ -25,28 +33,29 @@ log = logging.getLogger(__name__)
 DEFAULT_REBUILD_GROWTH = 0.5  # rebuild (retrain) once the table holds 1.5x the vectors the index was trained for
 
 
-def _read_index_ids(index_root: str, manifest: dict):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from sparse_embed.pipeline.index.searcher import _cached
-
-    index_dir = storage.join(index_root, manifest["index_id"])
-    files = manifest.get("ids_files") or [s["ids_file"] for s in manifest["shards"]]
-    return pa.concat_tables([pq.read_table(_cached(storage.join(index_dir, f), manifest["index_id"])) for f in files])
-
-
 def diff_ids(index_ids, index_etags, table_ids, table_etags):
-    """(ids to remove from the index, ids to add from the table) (pure numpy/python):
-    removed = gone from the table or etag changed; added = new to the index or etag changed."""
+    """(ids to remove from the index, ids to add from the table), sorted int64, by one Arrow
+    hash join: removed = gone from the table or etag changed; added = new to the index or
+    etag changed. Null etags on both sides compare equal (a table without etags: ids only)."""
     import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    old = dict(zip(index_ids.tolist(), index_etags))
-    new = dict(zip(table_ids.tolist(), table_etags))
-    changed = [i for i, e in new.items() if i in old and old[i] != e]
-    removed = sorted(set(old) - set(new)) + changed
-    added = sorted(set(new) - set(old)) + changed
-    return np.asarray(sorted(removed), dtype="int64"), np.asarray(sorted(added), dtype="int64")
+    def side(ids, etags, name):
+        ids = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(np.asarray(ids, dtype="int64"))
+        etags = etags if isinstance(etags, (pa.Array, pa.ChunkedArray)) else pa.array(list(etags), pa.large_string())
+        return pa.table({"image_id": ids.cast(pa.int64()), f"{name}_etag": etags.cast(pa.large_string()),
+                         f"in_{name}": pa.array(np.ones(len(ids), dtype=bool))})
+
+    j = side(index_ids, index_etags, "old").join(side(table_ids, table_etags, "new"), "image_id", join_type="full outer")
+    in_old, in_new = pc.fill_null(j["in_old"], False), pc.fill_null(j["in_new"], False)
+    a, b = j["old_etag"], j["new_etag"]
+    differs = pc.fill_null(pc.not_equal(a, b), pc.xor(pc.is_null(a), pc.is_null(b)))
+    changed = pc.and_(pc.and_(in_old, in_new), differs)
+    ids = j["image_id"]
+    removed = ids.filter(pc.and_(in_old, pc.or_(pc.invert(in_new), changed))).to_numpy()
+    added = ids.filter(pc.and_(in_new, pc.or_(pc.invert(in_old), changed))).to_numpy()
+    return np.sort(removed).astype("int64"), np.sort(added).astype("int64")
 
 
 def exact_slice(paths: list[str], table_uri: str, queries, k: int):
@@ -75,21 +84,26 @@ class UpdateConfig:
     rebuild_growth: float = DEFAULT_REBUILD_GROWTH
     force_rebuild: bool = False
     shards: int | None = None  # slices of a rebuild
+    delta_max_fraction: float = DELTA_MAX_FRACTION  # rebuild once delta + deleted exceed this fraction of the base
 
     def __post_init__(self):
         if self.rebuild_growth < 0:
             raise ValueError(f"Expected --rebuild-growth >= 0, got {self.rebuild_growth!r}")
+        if self.delta_max_fraction < 0:
+            raise ValueError(f"Expected delta_max_fraction >= 0, got {self.delta_max_fraction!r}")
 
 
 def update_index(cfg: UpdateConfig) -> dict | None:
     """Rebuilds (build_index) when there is no current index, when forced, when the model
     version or dimension changed, when the planner would now pick another kind of index,
     when the table grew past (1 + rebuild_growth) x the vectors the index was trained
-    for, or when the updated index's tuned recall@10 falls below `target_recall` while
-    its parent's reached it. Otherwise removes/adds only the difference, retunes nprobe,
-    writes a new index_id and moves CURRENT last. Returns the published manifest (the
-    current one unchanged when the table version is the one indexed; an empty index's for
-    an empty table version)."""
+    for, when the delta shard and deletion set outgrow DELTA_MAX_FRACTION of the base, or
+    when the updated index's tuned recall@10 falls below `target_recall` while its parent's
+    reached it. Otherwise writes a new delta shard (the parent's delta minus removed ids,
+    plus the new rows) and deletion set, keeps the base shards where they are, retunes
+    nprobe, writes a new index_id and moves CURRENT last. Returns the published manifest
+    (the current one unchanged when the table version is the one indexed; an empty
+    index's for an empty table version)."""
     from sparse_embed.pipeline.index.searcher import ShardedIndex
 
     t_all = time.perf_counter()
@@ -105,31 +119,23 @@ def update_index(cfg: UpdateConfig) -> dict | None:
     reason = _rebuild_reason(cfg, cm, snap)
     if reason:
         return _rebuild(cfg, cm, reason)
-    current = ShardedIndex.open(cfg.index_root, index_id=cm["index_id"])  # only an in-place update reads the shards
+    current = ShardedIndex.open(cfg.index_root, index_id=cm["index_id"])  # memory-mapped: no vector is read here
 
-    old = _read_index_ids(cfg.index_root, cm)
+    old = current.id_maps.live_table(columns=("image_id", "etag"))
     removed, added = _diff_against_index(old, snap)
     log.info("index update %s -> table v%d: %d removed, %d added", cm["index_id"], snap.version, len(removed), len(added))
-    add_t = _apply_diff(current.shards, snap, removed, added)
-    ntotal = int(sum(s.ntotal for s in current.shards))
-    if ntotal != snap.n:
-        raise RuntimeError(f"Updated index holds {ntotal} vectors, table v{snap.version} has {snap.n} rows")
-
     index_id = new_index_id(snap.version)
-    _write_updated(cfg.index_root, index_id, cm, current.shards, old, removed, add_t)
-    manifest = dict(cm, index_id=index_id, ntotal=ntotal, table_version=snap.version,
-                    shards=[{"file": e["file"], "ntotal": int(s.ntotal)} for e, s in zip(cm["shards"], current.shards)],
-                    ids_files=["ids_00000.parquet"], search_params={})
-    manifest["build"] = dict(cm["build"], updated_at=datetime.now(timezone.utc).isoformat())
+    index_dir = storage.join(cfg.index_root, index_id)
+    add_t = _added_rows(snap, cm.get("table_version"), added)
+    manifest = dict(_write_delta(cfg.index_root, index_id, cm, current, removed, add_t), table_version=snap.version)
+    if manifest["ntotal"] != snap.n:
+        raise RuntimeError(f"Updated index holds {manifest['ntotal']} vectors, table v{snap.version} has {snap.n} rows")
     manifest["update"] = {"parent": cm["index_id"], "parent_table_version": cm["table_version"],
                           "removed": int(len(removed)), "added": int(len(added))}
-    manifest.pop("tuning", None)
-    write_manifest(storage.join(cfg.index_root, index_id), manifest)
+    write_manifest(index_dir, manifest)
 
-    # Recall against exact search over the new table version, in parallel over file groups.
-    self_ids, queries = snap.sample(RECALL_QUERIES, seed=snap.version)
-    exact_ids, exact_scores = _exact_over_table(snap, queries, RECALL_K + TIE_MARGIN + 1)
-    exact_ids, exact_scores = drop_self(exact_ids, exact_scores, self_ids, RECALL_K + TIE_MARGIN)
+    queries, self_ids, exact_ids, exact_scores, manifest["update"]["truth"] = _updated_truth(cfg, cm, snap, removed, add_t)
+    manifest["truth"] = dict(write_truth(index_dir, queries, self_ids, exact_ids, exact_scores), index_id=index_id)
     manifest = verify_and_tune(cfg.index_root, index_id, manifest, queries, exact_ids, self_ids, cfg.target_recall,
                                exact_scores)
     parent_ok = cm.get("tuning", {}).get("reached_target", True)
@@ -137,7 +143,7 @@ def update_index(cfg: UpdateConfig) -> dict | None:
         return _rebuild(cfg, cm, f"recall@10 {manifest['recall_at_10']:.4f} after the update is below the target "
                                  f"{cfg.target_recall}")
     manifest["update"]["seconds"] = round(time.perf_counter() - t_all, 3)
-    write_manifest(storage.join(cfg.index_root, index_id), manifest)
+    write_manifest(index_dir, manifest)
     publish(cfg.index_root, index_id)
     log.info("index %s: updated from %s (+%d -%d), recall@10 %.4f", index_id, cm["index_id"], len(added), len(removed),
              manifest["recall_at_10"])
@@ -151,6 +157,8 @@ def _rebuild(cfg: UpdateConfig, cm: dict | None, reason: str) -> dict | None:
         budget = cm["plan"]["memory_budget"]
     return build_index(BuildConfig(cfg.table, cfg.index_root, version=cfg.version, memory_budget=budget,
                                    shards=cfg.shards, target_recall=cfg.target_recall,
+                                   # a rebuild keeps the choice the first build was made with
+                                   accept_lower_recall=bool((cm or {}).get("build", {}).get("accepted_lower_recall", False)),
                                    extra={"rebuild_reason": reason}))
 
 
@@ -168,63 +176,156 @@ def _rebuild_reason(cfg: UpdateConfig, cm: dict, snap: TableSnapshot) -> str | N
                           layout=cm["plan"]["layout"])
     except ValueError as e:  # e.g. the table shrank below the index's list count
         return f"the current index's parameters no longer fit the table ({e})"
-    return rebuild_reason(index_n_trained=cm["build"].get("trained_ntotal", cm["ntotal"]), table_n=snap.n,
-                          growth=cfg.rebuild_growth, same_model=model_version_of(snap) == cm.get("model_version"),
-                          same_dim=snap.dim() == cm["dim"], same_plan_kind=plan.kind == cm["plan"]["kind"])
+    reason = rebuild_reason(index_n_trained=cm["build"].get("trained_ntotal", cm["ntotal"]), table_n=snap.n,
+                            growth=cfg.rebuild_growth, same_model=model_version_of(snap) == cm.get("model_version"),
+                            same_dim=snap.dim() == cm["dim"], same_plan_kind=plan.kind == cm["plan"]["kind"])
+    if reason:
+        return reason
+    if cm.get("trained_file") is None and cm["plan"]["kind"] != "flat":
+        return "the current index records no trained index to start a delta shard from"
+    return delta_rebuild_reason(base_ntotal=sum(e["ntotal"] for e in cm["shards"] if not e.get("delta")),
+                                delta_ntotal=sum(e["ntotal"] for e in cm["shards"] if e.get("delta")),
+                                deleted=(cm.get("deleted") or {}).get("count", 0), max_fraction=cfg.delta_max_fraction)
 
 
 def _diff_against_index(old, snap: TableSnapshot):
-    """(removed, added) image_ids between the index's ids files and the table version, by
-    (image_id, etag); by image_id alone for a table without etags (its etags read as nulls)."""
+    """(removed, added) image_ids between the index's live ids (id maps) and the table
+    version, by (image_id, etag); by image_id alone for a table without etags (nulls)."""
     new = snap.read_columns(["image_id", "etag"])
-    return diff_ids(old.column("image_id").to_numpy(), old.column("etag").to_pylist(),
-                    new.column("image_id").to_numpy(), new.column("etag").to_pylist())
+    return diff_ids(old.column("image_id"), old.column("etag"), new.column("image_id"), new.column("etag"))
 
 
-def _apply_diff(shards_idx: list, snap: TableSnapshot, removed, added):
-    """Remove `removed` from every shard and add `added` (read from the table) to the
-    smallest one, in place; returns the added rows (image_id, uri, etag, embedding) or None."""
-    import faiss
+def _files_since(snap: TableSnapshot, version: int | None) -> list[str]:
+    """The snapshot's data files that table `version` lacks (every new or changed row is in
+    one of them: Delta rewrites a file to change it); all files when that version is gone."""
+    from sparse_embed.pipeline.store import tables
+
+    try:
+        before = tables.open_table(snap.uri, version) if version is not None else None
+    except Exception:  # noqa: BLE001 - a vacuumed or checkpointed-away version: read every file
+        before = None
+    if before is None:
+        return list(snap.paths)
+    old = {storage.strip_scheme(f) for f in before.file_uris()}
+    return [p for p in snap.paths if p not in old]
+
+
+def _added_rows(snap: TableSnapshot, parent_version: int | None, added):
+    """The table rows of `added` (image_id, uri, etag, embedding), read one file at a time
+    from the files written since the parent's table version; None when nothing is added."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if len(removed):
-        sel = faiss.IDSelectorBatch(removed)
-        for s in shards_idx:
-            s.remove_ids(sel)
     if not len(added):
         return None
-    present = [c for c in ("image_id", "uri", "etag", "embedding") if c in snap.columns]
-    add_t = snap.dt.to_pyarrow_dataset().to_table(columns=present, filter=pc.field("image_id").isin(added.tolist()))
-    for c in ("uri", "etag"):
-        if c not in present:
-            add_t = add_t.append_column(c, pa.nulls(add_t.num_rows, pa.string()))
-    smallest = min(range(len(shards_idx)), key=lambda i: shards_idx[i].ntotal)
-    shards_idx[smallest].add_with_ids(vectors_of(add_t.column("embedding")),
-                                      add_t.column("image_id").to_numpy().astype("int64"))
+    wanted = pa.array(added, pa.int64())
+
+    def read(paths):
+        parts = []
+        for p in paths:
+            t = read_file(p, snap.uri)
+            t = t.filter(pc.is_in(t.column("image_id"), value_set=wanted))
+            if t.num_rows:
+                parts.append(t)
+        return pa.concat_tables(parts) if parts else None
+
+    add_t = read(_files_since(snap, parent_version))
+    if add_t is None or add_t.num_rows != len(added):
+        add_t = read(snap.paths)  # rows the file diff missed (a rewritten history): read every file
+    if add_t is None or add_t.num_rows != len(added):
+        raise RuntimeError(f"Expected {len(added)} added rows in table v{snap.version}, found "
+                           f"{0 if add_t is None else add_t.num_rows}")
     return add_t
 
 
-def _write_updated(index_root: str, index_id: str, cm: dict, shards_idx: list, old, removed, add_t) -> None:
-    """The updated shards, the parent's trained file and one ids file, under a new index_id."""
+def _write_delta(index_root: str, index_id: str, cm: dict, current, removed, add_t) -> dict:
+    """Write the new delta shard, its id map and the deletion set under `index_id`; return
+    the new manifest (base shards and id maps still in the directories that hold them)."""
+    import io
+
     import faiss
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+
+    from sparse_embed.pipeline.index.idmap import id_map_schema, write_id_map
+    from sparse_embed.pipeline.index.searcher import _cached, file_uri, id_map_entries
 
     index_dir = storage.join(index_root, index_id)
-    for entry, s in zip(cm["shards"], shards_idx):
-        storage.write_bytes_atomic(storage.join(index_dir, entry["file"]), faiss.serialize_index(s).tobytes())
-    if cm.get("trained_file"):
-        src = storage.join(index_root, cm["index_id"], cm["trained_file"])
-        storage.write_bytes_atomic(storage.join(index_dir, cm["trained_file"]), storage.read_bytes(src))
-    kept = old.filter(pc.invert(pc.is_in(old.column("image_id"), value_set=pa.array(removed, pa.int64()))))
-    ids_table = kept.select(["image_id", "uri", "etag"])
+    owned = lambda e: dict(e, index_id=e.get("index_id") or cm["index_id"])  # noqa: E731
+    base = [owned(e) for e in cm["shards"] if not e.get("delta")]
+    base_maps = [owned(e) for e in id_map_entries(cm) if not e.get("delta")]
+    maps = current.id_maps
+    delta_rows = (pa.concat_tables([pa.Table.from_batches(list(r.batches()), schema=id_map_schema())
+                                    for r in maps.runs[maps.first_live_run:]])
+                  if maps.first_live_run < len(maps.runs) else None)
+    delta_ids = delta_rows.column("image_id").to_numpy() if delta_rows is not None else np.zeros(0, dtype="int64")
+    drop_delta, drop_base = split_removed(removed, delta_ids)
+    deleted = union_sorted(current.deleted, drop_base)
+
+    parent_delta = [e for e in cm["shards"] if e.get("delta")]
+    if parent_delta:
+        delta = faiss.read_index(_cached(file_uri(index_root, cm, parent_delta[0]), owned(parent_delta[0])["index_id"]))
+        if len(drop_delta):
+            delta.remove_ids(faiss.IDSelectorBatch(drop_delta))
+        delta_rows = delta_rows.filter(pc.invert(pc.is_in(delta_rows.column("image_id"), value_set=pa.array(drop_delta))))
+    else:
+        trained = None
+        if cm.get("trained_file"):
+            trained = storage.read_bytes(storage.join(index_root, cm.get("trained_index_id") or cm["index_id"],
+                                                      cm["trained_file"]))
+        delta = empty_delta(trained, cm["factory"], cm["dim"])
     if add_t is not None:
-        ids_table = pa.concat_tables([ids_table, add_t.select(["image_id", "uri", "etag"]).cast(ids_table.schema)])
-    sink = pa.BufferOutputStream()
-    pq.write_table(ids_table, sink)
-    storage.write_bytes_atomic(storage.join(index_dir, "ids_00000.parquet"), sink.getvalue().to_pybytes())
+        delta.add_with_ids(vectors_of(add_t.column("embedding")), add_t.column("image_id").to_numpy().astype("int64"))
+        new_rows = add_t.select(["image_id", "uri", "etag"])
+        new_rows = pa.table({c: new_rows.column(c).cast(pa.large_string() if c != "image_id" else pa.int64())
+                             for c in new_rows.column_names})
+        delta_rows = new_rows if delta_rows is None else pa.concat_tables([delta_rows, new_rows])
+
+    shards, id_maps = list(base), list(base_maps)
+    if delta.ntotal:
+        storage.write_bytes_atomic(storage.join(index_dir, "delta.faiss"), faiss.serialize_index(delta).tobytes())
+        write_id_map(storage.join(index_dir, "idmap_delta.arrow"), delta_rows.column("image_id"),
+                     delta_rows.column("uri"), delta_rows.column("etag"))
+        shards.append({"file": "delta.faiss", "ntotal": int(delta.ntotal), "index_id": index_id, "delta": True})
+        id_maps.append({"file": "idmap_delta.arrow", "index_id": index_id, "delta": True})
+    buf = io.BytesIO()
+    np.save(buf, deleted.astype("int64"))
+    storage.write_bytes_atomic(storage.join(index_dir, "deleted.npy"), buf.getvalue())
+    ntotal = int(sum(e["ntotal"] for e in base) - len(deleted) + delta.ntotal)
+    manifest = dict(cm, index_id=index_id, ntotal=ntotal, shards=shards, id_maps=id_maps, ids_files=[],
+                    deleted={"file": "deleted.npy", "count": int(len(deleted)), "index_id": index_id},
+                    trained_index_id=cm.get("trained_index_id") or cm["index_id"],
+                    base_index_id=cm.get("base_index_id") or cm["index_id"], search_params={})
+    manifest["build"] = dict(cm["build"], updated_at=datetime.now(timezone.utc).isoformat())
+    manifest.pop("tuning", None)
+    return manifest
+
+
+def _updated_truth(cfg: UpdateConfig, cm: dict, snap: TableSnapshot, removed, add_t):
+    """(queries, self_ids, exact_ids, exact_scores, how) for the updated index: the parent's
+    ground truth brought up to date from the removed and added rows alone when enough of
+    each list survives ("from the changes"), else exact search over the whole table version
+    in Ray tasks ("table scan": the first update after a build, which records no truth)."""
+    import numpy as np
+
+    need = RECALL_K + TIE_MARGIN
+    truth = read_truth(cfg.index_root, cm)
+    if truth is not None:
+        queries, self_ids, ids, scores = truth
+        added_ids = add_t.column("image_id").to_numpy() if add_t is not None else np.zeros(0, dtype="int64")
+        added_vectors = vectors_of(add_t.column("embedding")) if add_t is not None else None
+        ids, scores, valid = update_truth(ids, scores, removed, added_ids, added_vectors, queries, self_ids,
+                                          depth=ids.shape[1])
+        if valid >= need:
+            return queries, self_ids, ids[:, :valid], scores[:, :valid], "from the changes"
+        log.info("index update: the recall ground truth kept %d exact neighbours (< %d): searching the table", valid, need)
+    else:
+        self_ids, queries = snap.sample(RECALL_QUERIES, seed=snap.version)
+    extra = 0 if self_ids is None else 1
+    exact_ids, exact_scores = _exact_over_table(snap, queries, TRUTH_DEPTH + extra)
+    exact_ids, exact_scores = drop_self(exact_ids, exact_scores, self_ids, TRUTH_DEPTH)
+    return queries, self_ids, exact_ids, exact_scores, "table scan"
 
 
 def _exact_over_table(snap: TableSnapshot, queries, k: int):

@@ -6,7 +6,6 @@ import json
 
 import faiss
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from helpers import unit_vectors, write_table
@@ -90,10 +89,10 @@ def test_failed_build_leaves_current_on_the_previous_index(ray_local, bucket, mo
 
     import sparse_embed.pipeline.index.build as ib
 
-    def broken_verify(*args, **kwargs):
-        raise RuntimeError("killed during verification")
+    def broken_publish(*args, **kwargs):  # the build's files and manifest are written; CURRENT is not moved
+        raise RuntimeError("killed before publishing")
 
-    monkeypatch.setattr(ib, "verify_and_tune", broken_verify)
+    monkeypatch.setattr(ib, "publish", broken_publish)
     with pytest.raises(RuntimeError, match="killed"):
         build_index(BuildConfig(table, root, shards=2))
     assert current_index_id(root) == first["index_id"]

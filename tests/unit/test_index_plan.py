@@ -100,3 +100,93 @@ def test_exact_topk_blocks_equal_one_sort_and_drop_self():
     assert recall_at_k(np.array([[1, 3]]), exact, scores) == 1.0
     assert recall_at_k(np.array([[1, 4]]), exact, scores) == 0.5
     assert recall_at_k(np.array([[3, 3]]), exact, scores) == 0.5  # a repeated id is one hit
+
+
+# --- issue 16: recall before building, slices sized by memory, training placement ---
+
+from sparse_embed.pipeline.index.plan import (budget_for_recall, check_recall, layout_for, recall_ceiling,  # noqa: E402
+                                              recall_shortfall, slice_count, slice_plan)
+from sparse_embed.pipeline.index.resources import task_memory  # noqa: E402
+from sparse_embed.pipeline.index.sample import capped_train_size, file_quotas  # noqa: E402
+from sparse_embed.pipeline.index.train import training_cpus, training_placement, two_level_coarse, use_two_level  # noqa: E402
+
+
+def test_recall_ceiling_falls_with_dims_per_code_byte():
+    assert recall_ceiling("ivf_flat", 512, 2048) == 1.0
+    assert recall_ceiling("ivf_sq8", 512, 512) == pytest.approx(0.99)
+    assert recall_ceiling("ivf_pq", 64, 32) == pytest.approx(0.92)  # 2 dims a byte: a measured point
+    three = recall_ceiling("ivf_pq", 96, 32)  # 3 dims a byte: between the 2 and 4 points
+    assert 0.74 < three < 0.92
+    assert recall_ceiling("ivf_pq", 512, 4) == pytest.approx(0.09)  # 128 dims a byte: past the last point
+
+
+def test_a_budget_that_cannot_reach_the_target_is_refused_with_the_budget_that_would():
+    """1e9 x 512 in 16 GB: the plan falls to 4-byte codes (OPQ4 + PQ4, ceiling ~0.09); SQ8 is
+    the smallest code estimated to reach 0.95, at 1e9 * (512 + 8) bytes + the quantizer."""
+    p = plan_index(10**9, 512, 16 * 10**9)
+    assert p.code_bytes == 4 and p.recall_ceiling < 0.2
+    need, factory = budget_for_recall(p.n, p.dim, p.nlist, p.hnsw_quantizer, 0.95)
+    assert factory.endswith(",SQ8") and need == ivf_bytes(10**9, 512, p.nlist, 512, True)
+    why = recall_shortfall(p, 0.95)
+    assert f"{need}" in why and "0.86 below the target 0.95" in why
+    with pytest.raises(ValueError, match=r"--accept-lower-recall") as e:
+        check_recall(p, 0.95, accept_lower_recall=False)
+    assert f"at least {need} bytes" in str(e.value)
+    assert check_recall(p, 0.95, accept_lower_recall=True) == why  # accepted: the warning is returned, no error
+    # Spread over serving nodes, the same per-node budget keeps SQ8 codes and reaches the target.
+    spread = plan_index(10**9, 512, 16 * 10**9, serving_nodes=40)
+    assert spread.kind == "ivf_sq8" and spread.layout == "shards" and recall_shortfall(spread, 0.95) is None
+    per_node = recall_shortfall(plan_index(10**9, 512, 16 * 10**9, serving_nodes=4), 0.95)
+    assert f"at least {-(-need // 4)} bytes per node" in per_node and "on each of 4 nodes" in per_node
+
+
+def test_plans_that_reach_the_target_pass_the_check():
+    p = plan_index(4_500_000, 512, 4 * 10**9, nlist=1024)
+    assert p.factory == "IVF1024,SQ8" and check_recall(p, 0.95, False) is None
+    assert check_recall(plan_index(1000, 64, 10**9), 1.0, False) is None  # exact
+    assert recall_shortfall(plan_index(1_000_000, 256, 40 * 10**6), 0.5) is not None  # 16+ dims a byte
+
+
+def test_layout_auto_is_shards_beyond_one_node():
+    assert layout_for("auto", "ivf_sq8", 10, 100) == "merged"
+    assert layout_for("auto", "ivf_sq8", 101, 100) == "shards"
+    assert layout_for("auto", "flat", 10, 100) == "shards"
+    assert layout_for("merged", "ivf_sq8", 101, 100) == "merged"
+    with pytest.raises(ValueError, match="--serving-nodes"):
+        plan_index(10, 4, 10**6, serving_nodes=0)
+
+
+def test_slices_are_sized_by_memory_and_capped_at_1e7():
+    p = plan_index(2 * 10**7, 128, 10**11, nlist=4096)  # IVF4096,Flat: 512 + 8 bytes a vector
+    per, mem = slice_plan(p.n, p, 65536, 64 * 10**9)
+    assert per == 10**7  # autofaiss's cap, though memory would allow more
+    fixed = 4096 * 128 * 4 + 2 * 65536 * 128 * 4
+    assert mem == fixed + per * (512 + 8)
+    per, mem = slice_plan(p.n, p, 65536, 2 * 10**9)
+    assert per == (2 * 10**9 - fixed) // 520 and mem <= 2 * 10**9
+    assert slice_count(p.n, per, cpus=2, files=100) == -(-p.n // per)  # memory needs more than one per CPU
+    assert slice_count(1000, 10**7, cpus=8, files=3) == 3  # at most one per file
+    assert slice_count(1000, 10**7, cpus=2, files=10, requested=5) == 5
+    assert task_memory(10, [{"memory": 10**9}]) == 64 * 1024**2  # at least the floor
+    assert task_memory(10**12, [{"memory": 10**9}, {"memory": 2 * 10**9}]) == 2 * 10**9  # schedulable
+
+
+def test_training_goes_to_gpu_only_where_faiss_gpu_imports():
+    assert training_placement(1, True) == "gpu"
+    assert training_placement(1, False) == "cpu"  # a GPU, but CPU-only faiss on the worker
+    assert training_placement(1, None) == "cpu"  # the probe did not run
+    assert training_placement(0, True) == "cpu"
+    assert training_cpus([2.0, 16.0, 8.0]) == 16 and training_cpus([]) == 1
+    assert not use_two_level(16384) and use_two_level(65536) and two_level_coarse(1048576) == 1024
+
+
+def test_sample_quotas_and_memory_cap():
+    rows = [100, 0, 300, 600]
+    q = file_quotas(rows, 200, seed=1)
+    assert sum(q) == 200 and q[1] == 0 and all(0 <= a <= r for a, r in zip(q, rows))
+    assert q == file_quotas(rows, 200, seed=1) and file_quotas(rows, 5000, seed=1) == rows
+    # Proportional on average: over seeds, each file's mean share is within 3% of its row share.
+    mean = np.mean([file_quotas(rows, 200, seed=s) for s in range(300)], axis=0)
+    np.testing.assert_allclose(mean / 200, np.array(rows) / 1000, atol=0.03)
+    assert capped_train_size(10**6, 512, 10**9) == 10**9 // (4 * 512 * 2)
+    assert capped_train_size(1000, 512, 10**9) == 1000

@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mem-budget-gb", type=float, default=6.0,
                         help="skip a case whose batch-1 peak x batch exceeds this")
     parser.add_argument("--out", default="", help="write the results to this .md or .json path too")
+    parser.add_argument("--gpu-precision", choices=("bf16", "fp32"), default="bf16",
+                        help="on CUDA: bf16 autocast (default) or fp32; the CPU always runs fp32")
 
 
 def select_cases(suites: str, models: str) -> list[Case]:
@@ -98,15 +100,23 @@ def _allocated_peak_mib(fn: Callable[[], Any]) -> float:
     return max(0, max(e["Total Allocated"] for e in events) - start) / 2**20
 
 
+# --gpu-precision travels to the measuring processes (spawned) in this variable.
+GPU_PRECISION_ENV = "SPARSE_EMBED_BENCH_GPU_PRECISION"
+
+
 def _forward_fn(model, x):
-    """One timed forward: fp32 on CPU; on CUDA bf16 autocast, synchronised so the clock sees it."""
+    """One timed forward: fp32 on CPU; on CUDA bf16 autocast (or fp32 with --gpu-precision
+    fp32), synchronised so the clock sees it."""
+    import contextlib
+
     import torch
 
     if x.device.type != "cuda":
         return lambda: model(x)
+    bf16 = os.environ.get(GPU_PRECISION_ENV, "bf16") == "bf16"
 
     def run():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             model(x)
         torch.cuda.synchronize()
     return run
@@ -255,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    os.environ[GPU_PRECISION_ENV] = getattr(args, "gpu_precision", "bf16")
     cases = select_cases(args.suites, args.models)
     if not cases:
         raise ValueError(f"Expected --models to match some case, got {args.models!r}")
@@ -264,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
                    f"{args.threads or torch.get_num_threads()} torch threads, "
-                   + (f"{torch.cuda.get_device_name()}; bf16 autocast on the GPU" if torch.cuda.is_available()
+                   + (f"{torch.cuda.get_device_name()}; "
+                      + ("bf16 autocast" if args.gpu_precision == "bf16" else "fp32") + " on the GPU" if torch.cuda.is_available()
                       else "no GPU; fp32 CPU"),
         "torch": torch.__version__, "repeats": args.repeats,
     }

@@ -34,6 +34,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="objects per decode task in (d) (default 32, the embed job's default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder in (a) and (d), as `embed --compile`")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: throughput,memory,listing")
+    p.add_argument("--decode", nargs="+", choices=("cpu", "device", "auto"), default=["cpu"],
+                   help="decode mode(s) of the (d) runs, one run each: cpu tasks, or the embed actors (nvJPEG on a GPU)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="encoder precision in (d)")
+
+
+class GpuSampler:
+    """Samples GPU 0's utilisation (share of time a kernel ran, from NVML via
+    torch.cuda.utilization) and memory in use (NVML: all processes, the actors included)
+    every `interval_s` in a thread. Without CUDA or NVML it records nothing."""
+
+    def __init__(self, interval_s: float = 0.2):
+        import threading
+
+        self.interval_s, self.util, self.mem = interval_s, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        import torch
+
+        while not self._stop.is_set():
+            try:
+                self.util.append(torch.cuda.utilization(0))
+                self.mem.append(torch.cuda.device_memory_used(0))
+            except Exception:  # no CUDA, no pynvml
+                return
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        import torch
+
+        if torch.cuda.is_available():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def summary(self) -> tuple[str, str]:
+        """(mean utilisation, peak memory in use) as table cells; "not measured" without samples."""
+        if not self.util:
+            return "not measured (no CUDA/NVML)", "not measured (no CUDA/NVML)"
+        return f"{sum(self.util) / len(self.util):.0f}% ({len(self.util)} samples)", f"{max(self.mem) / 2**30:.2f} GiB"
 
 
 def _jpeg(rng, w: int, h: int) -> bytes:
@@ -185,7 +230,8 @@ def run(args) -> int:
     from sparse_embed.pipeline.embed.listing import list_objects
 
     skip = set(filter(None, args.skip.split(",")))
-    spec = {"model": args.model, "checkpoint": None, "model_args": {}, "pool": "token", "fuse_last_two": False, "proj_dim": None}
+    spec = {"model": args.model, "checkpoint": None, "model_args": {}, "pool": "token", "fuse_last_two": False, "proj_dim": None,
+            "precision": args.precision}  # (a) and (d) run at --precision; (c) autocasts bf16 on CUDA itself
     procs = os.cpu_count() or 1
     rows: list[tuple[str, str]] = []
     store = LocalObjectStore().start()
@@ -204,21 +250,28 @@ def run(args) -> int:
             a = encoder_only(spec, len(uris), batch=args.batch_size, compile=args.compile)
             b = decode_only(uris, data_config, procs)
             c = dataloader_loop(uris, spec, procs, batch=args.batch_size)
-            ray.init(num_cpus=procs, include_dashboard=False, runtime_env={"env_vars": store.aws_env()})
-            result = run_embed(EmbedConfig(source=source, out=f"{bucket}/out", spec=spec, build_index=False,
-                                           embed_batch_size=args.batch_size, decode_batch_size=args.decode_batch_size,
-                                           compile=args.compile))
-            ray.shutdown()
-            t = result["timings_s"]
-            d = result["counts"]["processed"] / (t["list"] + t["fetch+decode+embed+write"])
             ideal = 1 / (1 / a + 1 / b)
             rows += [("(a) encoder only, images/s", f"{a:.1f}"), ("(b) fetch+decode only, images/s", f"{b:.1f}"),
-                     ("ideal 1/(1/a+1/b), images/s", f"{ideal:.1f}"), ("(c) DataLoader loop, images/s", f"{c:.1f}"),
-                     ("(d) pipeline end to end, images/s", f"{d:.1f}"),
-                     ("(d) listing, s", f"{t['list']:.1f}"),
-                     ("(d) fetch+decode+embed+write stage, s", f"{t['fetch+decode+embed+write']:.1f}"),
-                     ("(d) embed actors busy, share of the stage", f"{result['embed_busy']['fraction']:.2f}"),
-                     ("d / ideal", f"{d / ideal:.2f}"), ("d / c", f"{d / c:.2f}")]
+                     ("ideal 1/(1/a+1/b), images/s", f"{ideal:.1f}"), ("(c) DataLoader loop, images/s", f"{c:.1f}")]
+            for mode in args.decode:  # one (d) run per decode mode, each into its own output
+                ray.init(num_cpus=procs, include_dashboard=False, runtime_env={"env_vars": store.aws_env()})
+                with GpuSampler() as gpu:
+                    result = run_embed(EmbedConfig(source=source, out=f"{bucket}/out-{mode}", spec=spec,
+                                                   build_index=False, embed_batch_size=args.batch_size,
+                                                   decode_batch_size=args.decode_batch_size, compile=args.compile, decode=mode))
+                ray.shutdown()
+                t = result["timings_s"]
+                d = result["counts"]["processed"] / (t["list"] + t["fetch+decode+embed+write"])
+                util, peak = gpu.summary()
+                tag = f"(d, --decode {mode})"
+                rows += [(f"{tag} pipeline end to end, images/s", f"{d:.1f}"),
+                         (f"{tag} embed stage images/s", f"{result['counts']['processed'] / t['fetch+decode+embed+write']:.1f}"),
+                         (f"{tag} listing, s", f"{t['list']:.1f}"),
+                         (f"{tag} fetch+decode+embed+write stage, s", f"{t['fetch+decode+embed+write']:.1f}"),
+                         (f"{tag} embed actors busy (forward time), share of the stage", f"{result['embed_busy']['fraction']:.2f}"),
+                         (f"{tag} GPU utilisation sampled during the run", util),
+                         (f"{tag} peak GPU memory in use", peak),
+                         (f"{tag} d / ideal", f"{d / ideal:.2f}"), (f"{tag} d / c", f"{d / c:.2f}")]
         if "memory" not in skip:
             objs = _make_objects(args.memory_images, 0, seed=1)
             storage.put_many(f"{bucket}/mem1/", objs)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from .heads import POOLS
 
 INIT_SEED = 0  # every actor must build identical random-init weights
+PRECISIONS = ("fp32", "bf16", "fp16")  # the forward pass's autocast dtype; fp32: no autocast
 
 
 @dataclass(frozen=True)
@@ -23,20 +24,25 @@ class EncoderSpec:
     pool: str = "token"
     fuse_last_two: bool = False
     proj_dim: int | None = None
+    precision: str = "fp32"  # part of model_version: bf16/fp16 embeddings are other embeddings
 
     def __post_init__(self):
         if self.pool not in POOLS:
             raise ValueError(f"Expected pool in {POOLS}, got {self.pool!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"Expected --precision in {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def to_dict(self) -> dict:
         return {
             "model": self.model, "checkpoint": self.checkpoint, "model_args": dict(self.model_args),
             "pool": self.pool, "fuse_last_two": self.fuse_last_two, "proj_dim": self.proj_dim,
+            "precision": self.precision,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "EncoderSpec":
-        return cls(**{k: d[k] for k in ("model", "checkpoint", "model_args", "pool", "fuse_last_two", "proj_dim") if k in d})
+        return cls(**{k: d[k] for k in ("model", "checkpoint", "model_args", "pool", "fuse_last_two", "proj_dim", "precision")
+                      if k in d})
 
 
 @dataclass
@@ -46,6 +52,16 @@ class Encoder:
     data_config: dict  # timm data config: input_size, mean, std, crop_pct, interpolation
     dim: int
     model_version: str
+
+
+def versioned_config(spec: EncoderSpec) -> dict:
+    """The spec fields model_version hashes: weights, not their location, count; precision
+    counts when it is not fp32 (an fp32 spec hashes as it did before --precision existed,
+    so fp32 tables keep their model_version)."""
+    config = spec.to_dict() | {"checkpoint": None}
+    if config["precision"] == "fp32":
+        del config["precision"]
+    return config
 
 
 def create_encoder(spec: EncoderSpec | str, **overrides) -> Encoder:
@@ -68,5 +84,5 @@ def create_encoder(spec: EncoderSpec | str, **overrides) -> Encoder:
         load_into(backbone, spec.checkpoint, drop_classifier=True)
     model = EmbeddingModel(backbone, pool=spec.pool, fuse_last_two=spec.fuse_last_two, proj_dim=spec.proj_dim).eval()
     data_config = timm.data.resolve_model_data_config(backbone)
-    version = model_version(spec.to_dict() | {"checkpoint": None}, model)  # weights, not their location, count
+    version = model_version(versioned_config(spec), model)
     return Encoder(spec=spec, model=model, data_config=data_config, dim=model.dim, model_version=version)

@@ -85,9 +85,19 @@ def _merge_heads(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return x.transpose(1, 2).reshape(shape)  # (B', N, heads, head_dim) -> shape
 
 
+# The routing logits are computed in fp32 even under autocast: with bf16 logits the routed
+# regions differ from fp32's (benchmarks/fidelity.py; BENCHMARKS.md, "bf16 fidelity").
+# False computes them in the autocast dtype (what the fidelity benchmark compares against).
+ROUTE_IN_FP32 = True
+
+
 def route(q_r: torch.Tensor, k_r: torch.Tensor, *, topk: int, scale: float) -> torch.Tensor:
     """Indices (B, R, topk) of the regions each query region attends to."""
-    logits = (q_r.detach() * scale) @ k_r.detach().transpose(-2, -1)  # (B, R, R)
+    if ROUTE_IN_FP32:
+        with torch.autocast(q_r.device.type, enabled=False):
+            logits = (q_r.detach().float() * scale) @ k_r.detach().float().transpose(-2, -1)  # (B, R, R)
+    else:
+        logits = (q_r.detach() * scale) @ k_r.detach().transpose(-2, -1)  # (B, R, R)
     return torch.topk(logits, k=topk, dim=-1).indices
 
 

@@ -20,6 +20,7 @@ Registered names `vit_{tiny,small,base}_patch16_224_topk` build the timm ViT (wi
 `dynamic_img_size=True`) and sparsify it; `keep=` (default 256), `importance=`,
 `reference=` and `remainder=` are create_model kwargs.
 """
+import contextlib
 import math
 from typing import Literal, Optional
 
@@ -33,6 +34,12 @@ from timm.models import register_model
 __all__ = ['TopKAttention', 'sparsify']
 
 Importance = Literal['cls', 'key_norm']
+
+
+# The importance scores that pick the kept keys are computed in fp32 even under autocast, so
+# bf16 does not change which keys are kept for the same q and k (benchmarks/fidelity.py;
+# BENCHMARKS.md, "bf16 fidelity"). False: in the autocast dtype, for that comparison.
+SELECT_IN_FP32 = True
 
 
 class TopKAttention(nn.Module):
@@ -101,10 +108,14 @@ class TopKAttention(nn.Module):
     def select(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Indices (B, heads, K) of the kept keys; prefix tokens always kept."""
         N = k.shape[-2]
-        if self.importance == 'cls':
-            score = (q[:, :, :1] * self.scale @ k.transpose(-2, -1)).squeeze(-2)  # (B, heads, N)
-        else:
-            score = k.norm(dim=-1)  # (B, heads, N)
+        fp32 = torch.autocast(k.device.type, enabled=False) if SELECT_IN_FP32 else contextlib.nullcontext()
+        if SELECT_IN_FP32:  # the scores in fp32 even under autocast (see SELECT_IN_FP32)
+            q, k = q.float(), k.float()
+        with fp32:
+            if self.importance == 'cls':
+                score = (q[:, :, :1] * self.scale @ k.transpose(-2, -1)).squeeze(-2)  # (B, heads, N)
+            else:
+                score = k.norm(dim=-1)  # (B, heads, N)
         if self.num_prefix_tokens:
             score = score.clone()
             score[..., :self.num_prefix_tokens] = float('inf')

@@ -19,10 +19,11 @@ COMMANDS = {
     "embed": ("embed", "embed every image under SOURCE into OUT/embeddings (Delta) and build an index"),
     "index": ("index", "index build (memory-budgeted sharded FAISS index from a table version) and index update (add/remove on the current one)"),
     "search": ("search", "search an index with query images; prints top-k URIs and scores"),
+    "serve": ("serve", "the search page and its JSON API over an index (loopback by default)"),
     "nightly": ("nightly", "scheduled run: lock OUT, embed what changed, update the index, report; safe to kill and rerun"),
     "runs": ("runs", "run history: `runs list --out OUT`"),
     "demo": ("demo", "start a local object store, fill it with generated images, run every flow"),
-    "bench": ("bench", "benchmarks: bench encoders | pipeline | index | incremental (results in BENCHMARKS.md)"),
+    "bench": ("bench", "benchmarks: bench encoders | pipeline | index | incremental | serve (results in BENCHMARKS.md)"),
     "store": ("store", "run the local S3 object store (SeaweedFS) until Ctrl-C, printing its AWS_* settings"),
     "convert-checkpoint": ("convert_checkpoint", "opt-in: turn a pickled torch checkpoint you trust into safetensors"),
 }

@@ -27,6 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for the generated images (default 0)")
     p.add_argument("--corrupt", type=int, default=3, help="corrupt objects to add, each must end as an error row (default 3)")
     p.add_argument("--keep", action="store_true", help="leave the object store running at the end and print how to reach it")
+    p.add_argument("--serve", action="store_true",
+                   help="at the end, leave the search page running over the demo's index (and the object store) "
+                        "and print its address; Ctrl-C stops both")
+    p.add_argument("--serve-port", type=int, default=8080, help="port of the search page on 127.0.0.1 with --serve "
+                                                                "(default 8080; 0 picks a free one)")
     p.add_argument("--contact-sheet", default=os.path.join(tempfile.gettempdir(), "sparse-embed-demo-sheet.png"),
                    help="where to write an example contact sheet (default in the temp dir)")
 
@@ -59,6 +64,22 @@ def near_duplicate_recall(index, images, source: str, out: str, ks=(1, 10)) -> d
     out_r["group@1"] = sum(bool(o) and group.get(o[0]) == q.base_key for q, o in zip(queries, others)) / n
     out_r["queries"] = len(queries)
     return out_r
+
+
+def serve_until_interrupted(index_root: str, port: int) -> None:
+    """The search page over `index_root` on 127.0.0.1:port until Ctrl-C."""
+    from .serve import start_background
+
+    server, live = start_background(index_root, port=port)
+    print(f"[demo] search page: {server.url}  (index {live.loaded.index_id}, {live.loaded.index.ntotal} vectors; "
+          f"Ctrl-C stops it and the object store)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("[demo] search page stopped")
+    finally:
+        server.stop()
 
 
 def run(args) -> int:
@@ -103,6 +124,8 @@ def run(args) -> int:
         print(f"[demo] near-duplicate recall over {recall['queries']} variant queries: "
               f"recall@1 {recall['recall@1']:.3f}  recall@10 {recall['recall@10']:.3f}  "
               f"(top hit from the same base image or its other variants: {recall['group@1']:.3f}; {time.time() - t0:.0f} s in all)")
+        if args.serve:
+            serve_until_interrupted(f"{out}/index", args.serve_port)
     finally:
         if args.keep:
             print("[demo] --keep: the object store stays up; reach it with:")

@@ -7,7 +7,8 @@ from sparse_embed.pipeline.store.tables import ROWS_PER_FILE
 
 from sparse_embed.pipeline.embed.decode import ALLOWED_FORMATS
 
-from .options import add_encoder_arguments, add_lock_arguments, encoder_spec, fraction, pillow_formats, positive_float, positive_int
+from .options import (add_encoder_arguments, add_lock_arguments, encoder_spec, fraction, non_negative_float, pillow_formats,
+                      positive_float, positive_int)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ext", dest="extensions", default=".jpg,.jpeg,.png,.webp,.bmp,.gif,.tif,.tiff",
                    help="comma-separated file extensions to include (default: common image types)")
     g.add_argument("--glob", default=None, help="only keys whose name (or full key) matches this glob, e.g. '*_large.jpg'")
+    g.add_argument("--inventory", default=None, metavar="MANIFEST",
+                   help="s3://.../manifest.json of an S3 Inventory report (CSV or Parquet) of SOURCE's bucket: read as the "
+                        "listing instead of listing SOURCE (the --ext and --glob filters still apply)")
     g.add_argument("--decode-batch-size", type=positive_int, default=32, help="objects fetched and decoded per CPU task batch (default 32)")
     g.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass on an embed actor (default 32)")
     g.add_argument("--compile", action="store_true",
@@ -26,6 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"rows per Parquet file the run writes (default {ROWS_PER_FILE}); a killed run keeps every finished file")
     g.add_argument("--actors", type=positive_int, default=None, help="embed actors (default: one per GPU; one single-threaded actor per CPU on a CPU-only cluster)")
     g.add_argument("--actor-cpus", type=positive_float, default=None, help="CPUs per embed actor (default: 1 with GPUs; without, up to 0.75, leaving room for a decode task)")
+    g.add_argument("--decode", choices=("cpu", "device", "auto"), default="cpu",
+                   help="where images are decoded: cpu (decode tasks; default), device (the embed actors decode JPEGs with "
+                        "torchvision's batched decoder, nvJPEG on a GPU; other formats fall back to the CPU decoder there), "
+                        "auto (device when the actors get GPUs)")
+    g.add_argument("--actor-wait", type=non_negative_float, default=0.0, metavar="SECONDS",
+                   help="on an autoscaling cluster, wait up to this long for the GPUs and CPUs the embed actors need "
+                        "(default 0: plan on the nodes that are up and fail at once if the plan cannot run)")
     g.add_argument("--max-pixels", type=positive_int, default=178_956_970,
                    help="decoded-size guard against decompression bombs (default 178956970, Pillow's own)")
     g.add_argument("--formats", type=pillow_formats, default=ALLOWED_FORMATS, metavar="NAMES",
@@ -53,9 +64,9 @@ def run(args) -> int:
         source=args.source, out=args.out, spec=encoder_spec(args),
         extensions=tuple(e.strip() if e.strip().startswith(".") else "." + e.strip() for e in args.extensions.split(",") if e.strip()),
         glob=args.glob, decode_batch_size=args.decode_batch_size, embed_batch_size=args.batch_size, rows_per_file=args.rows_per_file, compile=args.compile,
-        actors=args.actors, actor_cpus=args.actor_cpus, max_pixels=args.max_pixels, formats=tuple(args.formats),
+        actors=args.actors, actor_cpus=args.actor_cpus, decode=args.decode, actor_wait_s=args.actor_wait, max_pixels=args.max_pixels, formats=tuple(args.formats),
         max_error_rate=args.max_error_rate, max_attempts=args.max_attempts, build_index=args.build_index, index_shards=args.index_shards,
-        lock_wait_s=args.wait,
+        lock_wait_s=args.wait, inventory=args.inventory,
     )
     check_inputs(cfg, allow_empty=args.allow_empty_source)
     result = run_embed(cfg)
@@ -93,4 +104,8 @@ def check_inputs(cfg, *, allow_empty: bool = False) -> None:
     if not timm.is_model(cfg.spec["model"]):
         create_encoder(EncoderSpec.from_dict(cfg.spec))  # checks the name first: raises the ValueError naming close ones
     check_source(cfg.source, cfg.extensions, cfg.glob, allow_empty=allow_empty)
+    if cfg.inventory:
+        from sparse_embed.pipeline.embed.inventory import read_manifest
+
+        read_manifest(cfg.inventory)
     check_writable(cfg.out, role="--out")

@@ -38,13 +38,14 @@ def run(args) -> int:
         print(dataclasses.asdict(cfg))
         return EXIT_OK
     spec = {"model": cfg.model, "checkpoint": cfg.checkpoint, "model_args": cfg.model_args, "pool": cfg.pool,
-            "fuse_last_two": cfg.fuse_last_two, "proj_dim": cfg.proj_dim}
+            "fuse_last_two": cfg.fuse_last_two, "proj_dim": cfg.proj_dim, "precision": cfg.precision}
     embed_cfg = EmbedConfig(
         source=cfg.source, out=cfg.out, spec=spec, extensions=tuple(cfg.extensions), glob=cfg.glob,
         decode_batch_size=cfg.decode_batch_size, embed_batch_size=cfg.batch_size, actors=cfg.actors,
+        decode=cfg.decode, actor_wait_s=cfg.actor_wait_s,
         max_error_rate=cfg.max_error_rate, max_attempts=cfg.max_attempts, build_index=cfg.index,
         index_shards=cfg.index_shards, compile=cfg.compile, rows_per_file=cfg.rows_per_file, formats=tuple(cfg.formats),
-        lock_ttl_s=cfg.lock_ttl_s, lock_wait_s=args.wait,
+        lock_ttl_s=cfg.lock_ttl_s, lock_wait_s=args.wait, inventory=cfg.inventory,
     )
     # run_embed holds the output lock: LockHeld / LockLost become exit 3 in the CLI.
     result = run_embed(embed_cfg)

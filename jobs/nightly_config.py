@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from sparse_embed.pipeline.embed.decode import ALLOWED_FORMATS, check_formats
 from sparse_embed.pipeline.store.tables import ROWS_PER_FILE
 
-from .options import POOLS
+from .options import POOLS, PRECISIONS
 
 EXAMPLE = """\
 source: s3://bucket/images/       # prefix to embed (required)
@@ -25,12 +25,16 @@ formats: [JPEG, PNG, WEBP, GIF, TIFF, BMP, AVIF]  # Pillow formats decoded; othe
 batch_size: 32
 decode_batch_size: 32
 compile: false                    # torch.compile the encoder on each actor (pays on long runs)
+precision: fp32                   # fp32 | bf16 | fp16 (fp16 needs GPUs); part of model_version
+decode: cpu                       # cpu | device (actors decode JPEGs, nvJPEG on GPUs) | auto (device with GPUs)
+actor_wait_s: 0                   # autoscaling cluster: wait this long for the actors' GPUs/CPUs
 rows_per_file: 8192               # rows per Parquet file the run writes
 max_error_rate: 0.05              # exit 1 above this fraction of failed objects
 max_attempts: 3                   # failures at one ETag before an object is left alone
 lock_ttl_s: 900                   # a lock without heartbeat for this long is stale
 index: true                       # update the index after embedding
 allow_empty_source: false         # true: a source listing no matching object empties the table
+inventory: null                   # s3://.../manifest.json of an S3 Inventory report (CSV or Parquet) to use as the listing
 """
 
 
@@ -51,6 +55,9 @@ class NightlyConfig:
     decode_batch_size: int = 32
     actors: int | None = None
     compile: bool = False  # torch.compile the encoder on each actor
+    precision: str = "fp32"  # part of model_version: a change re-embeds into staging
+    decode: str = "cpu"  # cpu | device | auto, as `embed --decode`
+    actor_wait_s: float = 0.0  # as `embed --actor-wait`
     rows_per_file: int = ROWS_PER_FILE  # rows per Parquet file of the tables
     max_error_rate: float = 0.05  # stricter than the CLI's 1.0: a scheduled run should page someone
     max_attempts: int = 3
@@ -58,6 +65,7 @@ class NightlyConfig:
     index: bool = True
     index_shards: int | None = None
     allow_empty_source: bool = False  # true: a source with no matching object empties the table instead of failing
+    inventory: str | None = None  # an S3 Inventory manifest.json read as the listing instead of listing the source
 
 
 _TYPES = {f.name: f.type for f in dataclasses.fields(NightlyConfig)}
@@ -80,7 +88,7 @@ def parse(doc) -> NightlyConfig:
         raise ValueError(f"nightly config: required field(s) {missing} missing (example:\n{EXAMPLE})")
     for name in ("source", "out", "model"):
         _check(name, doc[name], "a non-empty string", isinstance(doc[name], str))
-    for name in ("checkpoint", "glob"):
+    for name in ("checkpoint", "glob", "inventory"):
         if doc.get(name) is not None:
             _check(name, doc[name], "a string or null", isinstance(doc[name], str))
     if "model_args" in doc:
@@ -113,6 +121,13 @@ def parse(doc) -> NightlyConfig:
     if "max_error_rate" in doc:
         v = doc["max_error_rate"]
         _check("max_error_rate", v, "a number in [0, 1]", isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1)
+    if "precision" in doc:
+        _check("precision", doc["precision"], f"one of {list(PRECISIONS)}", doc["precision"] in PRECISIONS)
+    if "decode" in doc:
+        _check("decode", doc["decode"], "one of ['cpu', 'device', 'auto']", doc["decode"] in ("cpu", "device", "auto"))
+    if "actor_wait_s" in doc:
+        v = doc["actor_wait_s"]
+        _check("actor_wait_s", v, "a number of seconds >= 0", isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)
     if "lock_ttl_s" in doc:
         v = doc["lock_ttl_s"]
         _check("lock_ttl_s", v, "a number of seconds > 0", isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)

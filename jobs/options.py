@@ -66,6 +66,8 @@ def positive_int(text: str) -> int:
 # Mirrors encoders.heads.POOLS (a test keeps them equal): importing encoders loads torch,
 # which would make `--help` slow.
 POOLS = ("token", "avg", "gem")
+# Mirrors encoders._factory.PRECISIONS (a test keeps them equal), for the same reason.
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def add_encoder_arguments(p: argparse.ArgumentParser, *, default_model: str | None = None) -> None:
@@ -81,13 +83,17 @@ def add_encoder_arguments(p: argparse.ArgumentParser, *, default_model: str | No
                    help="embedding pooling: the model's own pre-logits (token), or average/GeM over the last feature map")
     g.add_argument("--fuse-last-two", action="store_true", help="concatenate pooled features of the last two stages (needs --pool avg|gem)")
     g.add_argument("--proj-dim", type=positive_int, default=None, help="project embeddings to this width (seeded random-sign projection, scaled by 1/sqrt(dim): keeps inner products in expectation)")
+    g.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="forward-pass precision (autocast dtype; default fp32). Part of model_version, so a table never "
+                        "mixes precisions; fp16 needs CUDA, bf16 runs on CPU too (search embeds queries the same way)")
 
 
 def encoder_spec(args) -> dict:
     from sparse_embed.encoders import EncoderSpec
 
     return EncoderSpec(model=args.model, checkpoint=args.checkpoint, model_args=dict(args.model_args),
-                       pool=args.pool, fuse_last_two=args.fuse_last_two, proj_dim=args.proj_dim).to_dict()
+                       pool=args.pool, fuse_last_two=args.fuse_last_two, proj_dim=args.proj_dim,
+                       precision=getattr(args, "precision", "fp32")).to_dict()
 
 
 def add_lock_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,6 +5,9 @@ eval transform (shorter side to floor(size / crop_pct), centre crop). The pixel 
 differ slightly from timm's: large JPEGs are decoded in draft mode (libjpeg's DCT scaling,
 1/2 to 1/8) and very large images are resized from the crop box in one step. Normalisation
 happens on the embed actor, so a block carries 1 byte per value instead of 4.
+
+With `--decode device` these tasks only fetch (decode_device.fetch_batch) and the embed actor
+decodes JPEGs on its device; decode_image stays its fallback for everything else.
 """
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""Stage 2: the incremental diff of a listing against the tables, on (uri, etag).
+"""The incremental diff of a listing against the tables, on (uri, etag): the reference.
 
-Pure over Arrow tables, so it is tested without Ray or an object store.
+The job diffs per hash(uri) bucket in Ray tasks (buckets.diff_bucket, todo.py); this
+whole-table version, with a Python object per row, states the rules and is what the
+bucketed diff is tested against (tests/unit/test_buckets.py).
 """
 from __future__ import annotations
 

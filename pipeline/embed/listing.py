@@ -1,65 +1,42 @@
-"""Stage 1: list the source prefix with its ETag, size and mtime, as an Arrow table.
+"""Stage 1: list the source prefix with its ETag, size and mtime, into the listing table.
 
 s3fs gives `ETag`, `size` and `LastModified` per object. Local directories get an etag
 made of size and mtime (there is no content hash to read cheaply).
 
-Big buckets list in parallel by prefix, as Ray tasks that stream into the listing table:
-each task pages through its prefixes (1,000 keys per S3 call) and writes Parquet parts of
-at most LISTING_ROWS_PER_FILE rows into the table's directory; the driver commits all the
-parts in one overwrite. A task holds at most one part plus one page per prefix it is
-listing; the driver then reads the committed listing back and sorts it by uri for the diff
-(`list_objects`), so its memory still grows with the bucket.
+On S3 a parallel listing is split into key ranges listed by Ray tasks that write straight
+into the listing table (s3_listing.py); a listing can also come from an S3 Inventory
+report (inventory.py). Either way the driver gets back the table's version and row count,
+not the rows. Local directories are listed by the driver, or by first-level directory in
+Ray tasks. Each file of the listing table is sorted by uri; the table as a whole is not.
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 import uuid
-from datetime import datetime, timezone
+from dataclasses import dataclass
 
+from sparse_embed.pipeline.embed.listing_rows import (  # noqa: F401  (re-exported: the listing's public names)
+    DEFAULT_EXTENSIONS, _etag, _mtime, glob_matches, listing_rows, listing_schema, matches)
 from sparse_embed.pipeline.store import storage, tables
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LISTING_ROWS_PER_FILE = 1_000_000  # ~100 bytes a row in memory: a part is ~100 MiB before it is written
-PREFIXES_AT_ONCE = 16  # concurrent listings in one task (coroutines on s3fs's loop)
 # Replaced listings (and parts of a listing that crashed before its commit) are deleted after
 # this long: each run's listing is a full copy, which a nightly would otherwise keep forever.
 LISTING_RETENTION_HOURS = 24
 
 
-def listing_schema():
-    import pyarrow as pa
+@dataclass(frozen=True)
+class Listed:
+    """A committed listing: where it is and how many rows it has."""
+    table_uri: str
+    version: int
+    num_rows: int
 
-    return pa.schema([
-        ("uri", pa.string()),
-        ("etag", pa.string()),
-        ("size", pa.int64()),
-        ("mtime", pa.timestamp("us", tz="UTC")),
-    ])
-
-
-def _mtime(info: dict) -> datetime | None:
-    value = info.get("LastModified") or info.get("mtime") or info.get("created")
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    return datetime.fromtimestamp(float(value), tz=timezone.utc)
-
-
-def _etag(info: dict, mtime: datetime | None) -> str:
-    etag = info.get("ETag") or info.get("etag")
-    if etag:
-        return str(etag).strip('"')
-    return f"{info.get('size')}-{int(mtime.timestamp() * 1e6) if mtime else 0}"
-
-
-def matches(key: str, extensions: tuple[str, ...], glob: str | None) -> bool:
-    if extensions and not key.lower().endswith(tuple(e.lower() for e in extensions)):
-        return False
-    return glob is None or fnmatch.fnmatch(key.rsplit("/", 1)[-1], glob) or fnmatch.fnmatch(key, glob)
+    def read(self):
+        """The listing's rows as Arrow, in no particular order."""
+        return tables.read_columns(self.table_uri, listing_schema().names, version=self.version).cast(listing_schema())
 
 
 def _rows(found: dict, source: str, extensions, glob) -> dict[str, list]:
@@ -96,7 +73,7 @@ def list_prefix(source: str, prefix: str, extensions: tuple[str, ...], glob: str
 
 async def _s3_pages(fs, prefix: str):
     """One recursive listing of the directory `prefix` on s3fs, a page (<= 1,000 objects,
-    as {path: info}) at a time; s3fs's retry policy applies to every call."""
+    as {path: info}) at a time; s3fs's retry policy applies to every call (check_source)."""
     bucket, key, _ = fs.split_path(prefix)
     kw = {"Prefix": key.rstrip("/") + "/"} if key else {}
     while True:
@@ -155,78 +132,92 @@ class _PartWriter:
 
 def list_prefixes(source: str, prefixes: list[str], extensions: tuple[str, ...], glob: str | None,
                   table_uri: str | None = None, rows_per_file: int = LISTING_ROWS_PER_FILE) -> list:
-    """Recursive listings of `prefixes` (directories of `source`). With `table_uri`, written
-    as uncommitted parts of that listing table, returned as (path, bytes, rows); without,
-    returned as Arrow tables. On S3 the listings page as coroutines on s3fs's loop (threads
-    calling its sync API serialise on that loop and were 10x slower than one listing here)."""
-    import asyncio
-
-    fs = storage.filesystem(source)
+    """Recursive listings of `prefixes` (local directories of `source`). With `table_uri`,
+    written as uncommitted parts of that listing table, returned as (path, bytes, rows);
+    without, returned as Arrow tables. (S3 sources are listed by key range: s3_listing.py.)"""
     writer = _PartWriter(table_uri, source, extensions, glob, rows_per_file)
-    if not storage.is_s3(source):
-        for p in prefixes:
-            writer.add_table(list_prefix(source, p, extensions, glob))
-    else:
-        from fsspec.asyn import sync
-
-        async def one(prefix, sem):
-            async with sem:
-                try:
-                    async for page in _s3_pages(fs, prefix):
-                        writer.add(page)
-                except Exception as e:
-                    raise RuntimeError(f"Cannot list {storage.with_scheme(prefix, source)!r}: {type(e).__name__}: {e}") from e
-
-        async def all_of():
-            sem = asyncio.Semaphore(PREFIXES_AT_ONCE)
-            await asyncio.gather(*(one(p, sem) for p in prefixes))
-
-        sync(fs.loop, all_of)
+    for p in prefixes:
+        writer.add_table(list_prefix(source, p, extensions, glob))
     writer.flush()
     return writer.parts
 
 
 def list_objects(source: str, *, extensions: tuple[str, ...] = DEFAULT_EXTENSIONS, glob: str | None = None,
-                 parallel: bool = False, into: str | None = None):
-    """Every object under `source` whose name matches, as Arrow sorted by URI (a stable
-    order makes image_id assignment reproducible). With parallel=True the first level of
-    prefixes is split over Ray tasks (one per cluster CPU at most); objects directly under
-    `source` are listed by the driver. With `into` (a listing table's URI) the listing
-    replaces that table's rows in one commit; parallel tasks write their parts straight
-    into it, and the returned table is read back from it."""
-    import pyarrow as pa
+                 parallel: bool = False, into: str | None = None, inventory: str | None = None):
+    """Every object under `source` whose name matches.
 
+    Without `into`: the rows as Arrow sorted by uri, listed by the driver (small sources,
+    tests). With `into` (a listing table's URI): the listing replaces that table's rows in
+    one commit and a `Listed` comes back; with parallel=True, Ray tasks list and write the
+    rows (S3: key ranges, s3_listing.py; local: first-level directories). With `inventory`
+    (an S3 Inventory manifest.json), Ray tasks read the report instead (inventory.py)."""
     root = storage.strip_scheme(source).rstrip("/")
-    if not parallel:
-        table = list_prefix(source, root, extensions, glob)
-        if into:
-            tables.overwrite(into, table, listing_schema())
-    else:
-        import ray
-
-        fs = storage.filesystem(source)
-        try:
-            top = fs.ls(root, detail=True)
-        except FileNotFoundError:
-            top = []
-        files = {e["name"]: e for e in top if e.get("type") == "file"}
-        dirs = sorted(e["name"] for e in top if e.get("type") == "directory")
-        n_tasks = max(1, min(len(dirs), int(ray.cluster_resources().get("CPU", 1))))
-        task = ray.remote(num_cpus=0.25)(list_prefixes)  # IO-bound: several per core
-        if into:
-            tables.ensure_table(into, listing_schema())
-        here = _PartWriter(into, source, extensions, glob)
-        here.add(files)
-        here.flush()
-        parts = here.parts + [p for ps in ray.get([task.remote(source, dirs[i::n_tasks], extensions, glob, into)
-                                                   for i in range(n_tasks) if dirs[i::n_tasks]]) for p in ps]
+    if inventory is not None:
         if into is None:
-            table = pa.concat_tables([_table({}, source, extensions, glob)] + parts).sort_by("uri")
+            raise ValueError("Expected a listing table to write an inventory listing into")
+        from sparse_embed.pipeline.embed.inventory import list_inventory
+
+        tables.ensure_table(into, listing_schema())
+        version = tables.commit_files(into, list_inventory(inventory, source, into, extensions, glob), listing_schema(),
+                                      mode="overwrite")
+        listed = Listed(into, version, tables.count_rows(into, version))
+        log.info("listed %d objects under %s from the inventory %s", listed.num_rows, source, inventory)
+        return listed
+    if into is None:
+        table = list_prefix(source, root, extensions, glob)
+        log.info("listed %d objects under %s", table.num_rows, source)
+        return table.sort_by("uri")
+    if not parallel:
+        version = tables.overwrite(into, list_prefix(source, root, extensions, glob), listing_schema())
+    else:
+        tables.ensure_table(into, listing_schema())
+        if storage.is_s3(source):
+            from sparse_embed.pipeline.embed import s3_listing
+
+            files, _ = s3_listing.list_bucket(source, into, extensions, glob)
+            if not files:
+                files = _single_object(source, root, into, extensions, glob)
         else:
-            tables.commit_files(into, parts, listing_schema(), mode="overwrite")
-            table = tables.read_columns(into, listing_schema().names).cast(listing_schema()).sort_by("uri")
-    log.info("listed %d objects under %s", table.num_rows, source)
-    return table
+            files = _list_local_parallel(source, root, into, extensions, glob)
+        version = tables.commit_files(into, files, listing_schema(), mode="overwrite")
+    listed = Listed(into, version, tables.count_rows(into, version))
+    log.info("listed %d objects under %s", listed.num_rows, source)
+    return listed
+
+
+def _single_object(source: str, root: str, into: str, extensions, glob) -> list:
+    """SOURCE may name one object rather than a prefix: its listing file, if it matches."""
+    fs = storage.filesystem(source)
+    try:
+        info = fs.info(root)
+    except FileNotFoundError:
+        return []
+    if info.get("type") != "file":
+        return []
+    writer = _PartWriter(into, source, extensions, glob)
+    writer.add({root: info})
+    writer.flush()
+    return writer.parts
+
+
+def _list_local_parallel(source: str, root: str, into: str, extensions, glob) -> list:
+    """First-level directories over Ray tasks, files directly under `root` by the driver."""
+    import ray
+
+    fs = storage.filesystem(source)
+    try:
+        top = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        top = []
+    files = {e["name"]: e for e in top if e.get("type") == "file"}
+    dirs = sorted(e["name"] for e in top if e.get("type") == "directory")
+    n_tasks = max(1, min(len(dirs), int(ray.cluster_resources().get("CPU", 1))))
+    task = ray.remote(num_cpus=0.25)(list_prefixes)
+    here = _PartWriter(into, source, extensions, glob)
+    here.add(files)
+    here.flush()
+    return here.parts + [p for ps in ray.get([task.remote(source, dirs[i::n_tasks], extensions, glob, into)
+                                              for i in range(n_tasks) if dirs[i::n_tasks]]) for p in ps]
 
 
 CHECK_MAX_KEYS = 100_000  # keys check_source reads looking for a match; past that, the job's own listing decides

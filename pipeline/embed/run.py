@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from sparse_embed.pipeline.embed import diff, failures, ids, listing, report
+from sparse_embed.pipeline.embed import listing, report
 from sparse_embed.pipeline.store import storage, tables
 from sparse_embed.pipeline.embed.timing import StageTimer
 
@@ -48,11 +48,14 @@ class EmbedConfig:
     rows_per_file: int = tables.ROWS_PER_FILE  # rows per Parquet file the write tasks put (at most one smaller file per write task)
     actors: int | None = None  # None: one per GPU, else one
     actor_cpus: float | None = None  # None: 1 with GPUs; up to CPU_ACTOR_SHARE without (plan_actors)
+    decode: str = "cpu"  # "cpu": decode tasks; "device": the actors decode JPEGs on their device; "auto": device with GPUs
+    actor_wait_s: float = 0.0  # wait this long for an autoscaling cluster to hold the actors' GPUs/CPUs (--actor-wait)
     max_pixels: int = 178_956_970
     formats: tuple[str, ...] | None = None  # Pillow formats decoded (--formats); None: decode.ALLOWED_FORMATS. Not in model_version
     max_error_rate: float = 1.0  # failed / processed above this makes the run fail (exit 1)
     max_attempts: int = 3  # failures at one etag before an object is no longer retried
-    parallel_listing: bool = True  # one Ray task per top-level prefix of the source
+    parallel_listing: bool = True  # Ray tasks list key ranges (S3) or first-level directories (local)
+    inventory: str | None = None  # an S3 Inventory manifest.json to read as the listing instead of listing SOURCE
     build_index: bool = True
     index_shards: int | None = None
     lock_ttl_s: float = 600.0  # a dead run's output lock expires this long after its last heartbeat
@@ -65,37 +68,19 @@ class EmbedConfig:
         for name in ("decode_batch_size", "embed_batch_size", "rows_per_file", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Expected {name} >= 1, got {getattr(self, name)!r}")
+        if self.decode not in ("cpu", "device", "auto"):
+            raise ValueError(f"Expected --decode cpu, device or auto, got {self.decode!r}")
+        if self.actor_wait_s < 0:
+            raise ValueError(f"Expected --actor-wait >= 0, got {self.actor_wait_s!r}")
         if self.actors is not None and self.actors < 1:
             raise ValueError(f"Expected --actors >= 1, got {self.actors!r}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id) or ".." in self.run_id:
             raise ValueError(f"Expected run_id of letters, digits, '.', '_', '-' (it names files under OUT/runs), got {self.run_id!r}")
 
 
-# CPU-only clusters: one single-threaded embed actor per CPU, reserving CPU_ACTOR_SHARE each
-# but always leaving at least one DECODE_TASK_CPUS slot for the decode and write tasks (the
-# job runs no 1-CPU task: blocks are sliced on the driver, writes reserve a decode slot).
-# Ray Data's backpressure keeps decode from running ahead. Reservations are logical: each
-# actor still uses a whole core while it embeds. Measured on the 2-core dev machine
-# (BENCHMARKS.md, pipeline throughput): one 1-thread actor left a core half idle, one
-# 2-thread actor stalled whenever a decode task shared its cores, and 0.75 per actor (two
-# decode slots) beat 0.5 (four), whose extra decode processes only competed for the cores.
-CPU_ACTOR_SHARE = 0.75  # at most; less when --actors asks for more actors than CPUs
-DECODE_TASK_CPUS = 0.25
-
-
-def plan_actors(resources: dict, *, actors: int | None, actor_cpus: float | None) -> dict:
-    """Actor pool sizing: one actor per GPU (1 CPU each, decode tasks 1 CPU each) when the
-    cluster has GPUs; otherwise one single-threaded actor per CPU (see CPU_ACTOR_SHARE)."""
-    gpus = int(resources.get("GPU", 0))
-    cpus = float(resources.get("CPU", 1))
-    if gpus:
-        return {"size": actors or gpus, "num_gpus": 1, "num_cpus": actor_cpus or 1, "decode_cpus": 1.0}
-    size = actors or max(1, int(cpus))
-    per_actor = actor_cpus or min(CPU_ACTOR_SHARE, max(0.0, cpus - DECODE_TASK_CPUS) / size)
-    if per_actor <= 0 or cpus - size * per_actor < DECODE_TASK_CPUS:
-        raise ValueError(f"{size} embed actors x {per_actor:g} CPUs leave under {DECODE_TASK_CPUS:g} of the cluster's "
-                         f"{cpus:g} CPUs for the decode and write tasks: lower --actors or --actor-cpus")
-    return {"size": size, "num_gpus": 0, "num_cpus": per_actor, "decode_cpus": DECODE_TASK_CPUS}
+# The pool plan and its checks live in actor_plan.py; re-exported for the callers and tests here.
+from sparse_embed.pipeline.embed.actor_plan import (CPU_ACTOR_SHARE, DECODE_TASK_CPUS,  # noqa: E402,F401
+                                                    plan_actors, plan_when_ready)
 
 
 def staging_root(out: str, model_version: str) -> str:
@@ -141,8 +126,9 @@ def promote(out: str, root: str, enc) -> dict:
     return versions
 
 
-def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tuple[int, dict, dict]:
-    """Run Ray Data over `todo`; returns (rows embedded, actor pool, forward-pass seconds by actor).
+def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tuple[int, dict, dict, dict]:
+    """Run Ray Data over `todo`; returns (rows embedded, actor pool, forward-pass seconds by
+    actor, the write tasks' tally of failures: sink.tally_failures).
     The stage's progress counts the rows leaving the embed actors (on a RowCounter), and at
     the end the rows the sink committed."""
     import ray
@@ -162,7 +148,10 @@ def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tu
     # A run with fewer blocks than actors (a small incremental run) gets a UserWarning that
     # some actors will idle: true, and nothing to act on.
     warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
-    pool = plan_actors(resources, actors=cfg.actors, actor_cpus=cfg.actor_cpus)
+    # Checked before any object is fetched: a plan Ray cannot place would wait forever.
+    pool = plan_when_ready(lambda: resources if not cfg.actor_wait_s else ray.cluster_resources(), actors=cfg.actors,
+                           actor_cpus=cfg.actor_cpus, decode=cfg.decode, precision=enc.spec.precision,
+                           wait_s=cfg.actor_wait_s)
     sink = EmbeddingTableSink(root, run_id=cfg.run_id, dim=enc.dim, rows_per_file=cfg.rows_per_file)
     counter = RowCounter()
     try:
@@ -171,30 +160,41 @@ def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tu
             progress.update(sum(sink.result.rows.values()))
     finally:
         counter.close()
-    return sink.result.rows.get(tables.EMBEDDINGS, 0), pool, sink.result.embed_seconds
+    return sink.result.rows.get(tables.EMBEDDINGS, 0), pool, sink.result.embed_seconds, sink.result.failures
 
 
 def _write_embeddings(cfg: EmbedConfig, todo, enc, pool: dict, sink, counter) -> None:
     """fetch+decode tasks -> embed actors (which add each batch's rows to `counter`) -> `sink`."""
     import ray
 
-    from sparse_embed.pipeline.embed.decode import fetch_decode_batch
+    from sparse_embed.pipeline.embed.decode import ALLOWED_FORMATS, check_formats, fetch_decode_batch
+    from sparse_embed.pipeline.embed.decode_device import fetch_batch
     from sparse_embed.pipeline.embed.actor import EmbedActor
     from sparse_embed.pipeline.embed.progress import CountRows
 
     # One decode batch per block, and at least two blocks per actor so none idles. The
     # driver slices the table into blocks itself: no repartition task.
-    n_blocks = min(MAX_BLOCKS, max(-(-todo.num_rows // cfg.decode_batch_size), min(todo.num_rows, 2 * pool["size"])))
-    ds = ray.data.from_arrow(block_slices(todo, n_blocks))
-    ds = ds.map_batches(fetch_decode_batch, batch_format="pyarrow", batch_size=cfg.decode_batch_size,
-                        num_cpus=pool["decode_cpus"], fn_kwargs={"data_config": enc.data_config, "max_pixels": cfg.max_pixels,
-                                                                  "formats": cfg.formats})
+    # The todo files (todo.TodoParts) are read here: Ray Data's Parquet reader runs 1-CPU
+    # list and read tasks, which a CPU-only pool plan (0.25 CPU left) never schedules.
+    rows = todo.read()
+    n_blocks = min(MAX_BLOCKS, max(-(-rows.num_rows // cfg.decode_batch_size), min(rows.num_rows, 2 * pool["size"])))
+    ds = ray.data.from_arrow(block_slices(rows, n_blocks))
+    on_device = pool.get("decode") == "device"
+    if on_device:  # the tasks only fetch; the actors decode (decode_device.py)
+        ds = ds.map_batches(fetch_batch, batch_format="pyarrow", batch_size=cfg.decode_batch_size,
+                            num_cpus=pool["decode_cpus"])
+    else:
+        ds = ds.map_batches(fetch_decode_batch, batch_format="pyarrow", batch_size=cfg.decode_batch_size,
+                            num_cpus=pool["decode_cpus"], fn_kwargs={"data_config": enc.data_config, "max_pixels": cfg.max_pixels,
+                                                                      "formats": cfg.formats})
     ds = ds.map_batches(
         CountRows, batch_format="pyarrow", batch_size=cfg.embed_batch_size,
         fn_constructor_kwargs={"inner": EmbedActor, "counter": counter, "inner_kwargs": {
             "spec": cfg.spec, "expected_version": enc.model_version,
             "cpu_threads": None if pool["num_gpus"] else max(1, int(pool["num_cpus"])),
-            "compile_batch": cfg.embed_batch_size if cfg.compile else None}},
+            "compile_batch": cfg.embed_batch_size if cfg.compile else None,
+            "decode": "device" if on_device else "cpu",
+            "decode_options": {"max_pixels": cfg.max_pixels, "formats": check_formats(cfg.formats or ALLOWED_FORMATS)}}},
         compute=ray.data.ActorPoolStrategy(size=pool["size"]),
         num_gpus=pool["num_gpus"], num_cpus=pool["num_cpus"],
     )
@@ -209,39 +209,18 @@ def block_slices(table, n_blocks: int) -> list:
     return [table.slice(start, size) for start in range(0, table.num_rows, size)]
 
 
-def _failures_of_run(root: str, run_id: str) -> tuple[dict[str, int], dict[str, int], int]:
-    """(failures of this run by "stage:error_type"; the same split by kind, failures.OBJECT /
-    INFRASTRUCTURE -> {reason: n}; how many were first object failures)."""
-    cols = ["stage", "error_type", "message", "attempts", "run_id"]
-    rows = tables.read_columns(tables.table_uri(root, tables.ERRORS), cols)
-    by_reason: dict[str, int] = {}
-    by_kind: dict[str, dict[str, int]] = {failures.OBJECT: {}, failures.INFRASTRUCTURE: {}}
-    first = 0
-    if rows is not None:
-        for stage, etype, message, attempts, rid in zip(*(rows.column(c).to_pylist() for c in cols)):
-            if rid == run_id:
-                by_reason[f"{stage}:{etype}"] = by_reason.get(f"{stage}:{etype}", 0) + 1
-                kind = failures.kind_of(stage, etype, message)
-                by_kind[kind][f"{stage}:{etype}"] = by_kind[kind].get(f"{stage}:{etype}", 0) + 1
-                first += kind == failures.OBJECT and attempts == 1
-    return by_reason, by_kind, first
-
-
 def _table_versions(root: str) -> dict:
     return {t: tables.version_of(tables.table_uri(root, t)) for t in (tables.EMBEDDINGS, tables.ERRORS)}
 
 
 def _diff_and_clear(cfg: EmbedConfig, root: str, enc, listed):
-    """The diff of `listed` against root's tables; deletes the stale embedding rows and the
-    error rows about to be retried (one commit per table). Returns (Diff, todo with image_ids)."""
-    emb = tables.read_columns(tables.table_uri(root, tables.EMBEDDINGS), ["uri", "etag", "model_version"])
-    if emb is not None and emb.num_rows and set(emb.column("model_version").to_pylist()) != {enc.model_version}:
-        raise RuntimeError(f"{tables.table_uri(root, tables.EMBEDDINGS)} mixes model versions: refusing to add to it")
-    err = tables.read_columns(tables.table_uri(root, tables.ERRORS), ["uri", "etag", "attempts"])
-    d = diff.diff(listed, emb, err, max_attempts=cfg.max_attempts)
-    tables.delete_matching(tables.table_uri(root, tables.EMBEDDINGS), d.stale_embeddings, on=("uri", "etag"))
-    tables.delete_matching(tables.table_uri(root, tables.ERRORS), d.clear_errors, on=("uri", "etag"))
-    return d, ids.attach_image_ids(d.todo, cfg.out, run_id=cfg.run_id)
+    """The diff of `listed` against root's tables, in Ray tasks over hash(uri) buckets
+    (todo.py); deletes the stale embedding rows and the error rows about to be retried (one
+    commit per table) and commits the new image_ids. Returns the todo.TodoParts."""
+    from sparse_embed.pipeline.embed.todo import build_todo
+
+    return build_todo(out=cfg.out, root=root, listed=listed, run_id=cfg.run_id, model_version=enc.model_version,
+                      max_attempts=cfg.max_attempts)
 
 
 def _update_index(cfg: EmbedConfig, timer: StageTimer) -> str | None:
@@ -272,7 +251,8 @@ def _run_embed_locked(cfg: EmbedConfig) -> dict:
     from sparse_embed.encoders import EncoderSpec, create_encoder
     from sparse_embed.infra.ray_launcher import ensure_ray
 
-    from sparse_embed.pipeline.embed.sink import recover_pending
+    from sparse_embed.pipeline.embed.sink import empty_failures, recover_pending
+    from sparse_embed.pipeline.embed.todo import remove_work
     from sparse_embed.pipeline.index.publish import index_is_current
 
     timer = StageTimer()
@@ -283,19 +263,20 @@ def _run_embed_locked(cfg: EmbedConfig) -> dict:
     versions_before = _table_versions(root)
     with timer.stage("recover"):
         recovered = recover_pending(root, dim=enc.dim, model_version=enc.model_version)
-    if cfg.parallel_listing:
-        with timer.stage("ray"):
-            ensure_ray()
+    with timer.stage("ray"):  # listing, diff and embed tasks
+        ensure_ray()
     with timer.stage("list", unit="objects") as progress:  # the count is known at the end only
         listed = listing.list_objects(cfg.source, extensions=cfg.extensions, glob=cfg.glob, parallel=cfg.parallel_listing,
-                                      into=tables.table_uri(cfg.out, tables.LISTING))
+                                      into=tables.table_uri(cfg.out, tables.LISTING), inventory=cfg.inventory)
         tables.vacuum(tables.table_uri(cfg.out, tables.LISTING), retention_hours=listing.LISTING_RETENTION_HOURS)
         progress.update(listed.num_rows)
     with timer.stage("diff"):
-        d, todo = _diff_and_clear(cfg, root, enc, listed)
-    log.info("run %s: %s (recovered %d rows of an interrupted run)", cfg.run_id, d.counts, recovered)
-    embedded, pool, embed_seconds = _embed_todo(cfg, todo, root, enc, timer) if todo.num_rows else (0, {}, {})
-    failed_by_reason, failed_by_kind, failed_first = _failures_of_run(root, cfg.run_id)
+        todo = _diff_and_clear(cfg, root, enc, listed)
+    log.info("run %s: %s (recovered %d rows of an interrupted run)", cfg.run_id, todo.counts, recovered)
+    embedded, pool, embed_seconds, failed = (_embed_todo(cfg, todo, root, enc, timer) if todo.num_rows
+                                             else (0, {}, {}, empty_failures()))
+    remove_work(cfg.out)  # this run holds the lock: every work directory is its own or a dead run's
+    failed_by_reason, failed_by_kind, failed_first = failed["by_reason"], failed["by_kind"], failed["first"]
     promoted = root != cfg.out
     if promoted:
         with timer.stage("promote"):
@@ -306,8 +287,7 @@ def _run_embed_locked(cfg: EmbedConfig) -> dict:
         # or killed index stage, and a promotion.
         index_id = _update_index(cfg, timer)
     result = report.build_report(cfg, enc, report.RunFacts(
-        counts=d.counts, processed=todo.num_rows,
-        first_tries=todo.num_rows - sum(1 for a in todo.column("attempts").to_pylist() if a),
+        counts=todo.counts, processed=todo.num_rows, first_tries=todo.first_tries,
         embedded=embedded, failed_by_reason=failed_by_reason, failed_by_kind=failed_by_kind, failed_first=failed_first,
         recovered=recovered,
         pool=pool, embed_seconds=embed_seconds, embed_stage_s=timer.seconds(EMBED_STAGE), timings_s=timer.as_dict(),

@@ -1,9 +1,11 @@
 """Stage 5: a Ray Datasink that writes embedding rows and error rows to their Delta tables.
 
 Write tasks put Parquet files into each table's directory; nothing is visible until the
-driver commits them: one atomic Delta commit per table in on_write_complete. Each
-finished file also gets a marker under <root>/_pending/<table>/; markers are deleted once
-their file is committed. If the driver dies mid-run, the next run commits the files its
+driver commits them in on_write_complete: atomic Delta commits of at most COMMIT_FILES
+files per table, each add action carrying numRecords and min/max of image_id and uri.
+Each finished file also gets a marker under <root>/_pending/<table>/; markers are deleted
+(in bulk) once their file is committed. The run report's row counts are the write tasks'
+returned counts. If the driver dies mid-run, the next run commits the files its
 markers name (`recover_pending`) before diffing, so finished work is kept.
 
 Nothing is committed twice:
@@ -26,6 +28,7 @@ from functools import partial
 
 from ray.data import Datasink
 
+from sparse_embed.pipeline.embed import failures as failure_kinds
 from sparse_embed.pipeline.embed.failures import attempts_after
 from sparse_embed.pipeline.store import storage, tables
 from sparse_embed.pipeline.store.retry import with_retries
@@ -40,6 +43,7 @@ class WrittenFile:
     size: int
     rows: int
     model_version: str | None = None  # of the rows (embeddings files); None for error files and old markers
+    stats: dict | None = None  # tables.column_stats of image_id and uri; None in markers of older runs
 
 
 def file_name(run_id: str, rows) -> str:
@@ -51,10 +55,39 @@ def file_name(run_id: str, rows) -> str:
     return f"part-{run_id}-{h.hexdigest()[:24]}.parquet"
 
 
+def empty_failures() -> dict:
+    return {"by_reason": {}, "by_kind": {failure_kinds.OBJECT: {}, failure_kinds.INFRASTRUCTURE: {}}, "first": 0}
+
+
+def tally_failures(errors, into: dict | None = None) -> dict:
+    """Error rows (errors_schema) counted by "stage:error_type", by kind (failures.OBJECT /
+    INFRASTRUCTURE -> {reason: n}) and as first object failures (attempts == 1), added to
+    `into` (or a new tally)."""
+    out = into if into is not None else empty_failures()
+    cols = ("stage", "error_type", "message", "attempts")
+    for stage, etype, message, attempts in zip(*(errors.column(c).to_pylist() for c in cols)):
+        reason = f"{stage}:{etype}"
+        kind = failure_kinds.kind_of(stage, etype, message)
+        out["by_reason"][reason] = out["by_reason"].get(reason, 0) + 1
+        out["by_kind"][kind][reason] = out["by_kind"][kind].get(reason, 0) + 1
+        out["first"] += kind == failure_kinds.OBJECT and attempts == 1
+    return out
+
+
+def merge_failures(total: dict, part: dict) -> None:
+    for reason, n in part["by_reason"].items():
+        total["by_reason"][reason] = total["by_reason"].get(reason, 0) + n
+    for kind, reasons in part["by_kind"].items():
+        for reason, n in reasons.items():
+            total["by_kind"][kind][reason] = total["by_kind"][kind].get(reason, 0) + n
+    total["first"] += part["first"]
+
+
 @dataclass
 class TaskWrites:
     files: list  # WrittenFile per file the write task put
     embed_seconds: dict  # embed actor -> seconds of forward passes behind the task's rows
+    failures: dict = field(default_factory=empty_failures)  # tally_failures of the task's error rows
 
 
 @dataclass
@@ -62,6 +95,7 @@ class CommitResult:
     versions: dict = field(default_factory=dict)  # table -> version after commit (None: nothing committed)
     rows: dict = field(default_factory=dict)  # table -> rows committed
     embed_seconds: dict = field(default_factory=dict)  # embed actor -> seconds of forward passes
+    failures: dict = field(default_factory=empty_failures)  # tally_failures of the run's error rows
 
 
 def split_rows(batch, *, run_id: str, dim: int):
@@ -127,13 +161,14 @@ class EmbeddingTableSink(Datasink):
             rel = file_name(self.run_id, table)
             done = with_retries(partial(self._write_file, name, rel, table), what=f"write {name}/{rel}")
             written.append(done)
-        return TaskWrites(written, busy)
+        err = pa.concat_tables(err_parts) if err_parts else tables.errors_schema().empty_table()
+        return TaskWrites(written, busy, tally_failures(err))
 
     def _write_file(self, name: str, rel: str, table) -> WrittenFile:
         """Write one Parquet file and its marker; safe to repeat (same names, overwritten)."""
         mv = table.column("model_version")[0].as_py() if "model_version" in table.column_names and table.num_rows else None
         done = WrittenFile(name, rel, tables.write_parquet_file(tables.table_uri(self.out, name), rel, table), table.num_rows,
-                           mv)
+                           mv, tables.column_stats(table, STATS_COLUMNS))
         storage.write_bytes_atomic(marker_uri(self.out, done), json.dumps(done.__dict__).encode())
         return done
 
@@ -142,6 +177,7 @@ class EmbeddingTableSink(Datasink):
         for name in (tables.EMBEDDINGS, tables.ERRORS):
             self.result.rows[name] = sum(f.rows for f in files if f.table == name)
         for task in write_result.write_returns:
+            merge_failures(self.result.failures, task.failures)
             for actor, seconds in task.embed_seconds.items():
                 self.result.embed_seconds[actor] = self.result.embed_seconds.get(actor, 0.0) + seconds
         log.info("[commit] %d files, %d rows", len(files), sum(f.rows for f in files))
@@ -153,27 +189,49 @@ def marker_uri(root: str, f: WrittenFile) -> str:
     return storage.join(root, "_pending", f.table, f.path + ".json")
 
 
+STATS_COLUMNS = ("image_id", "uri")  # min/max in every add action: a lookup by id or uri skips other files
+COMMIT_FILES = 5000  # files per Delta commit: a long run is several bounded commits, each followed by its markers' delete
+
+
 def commit_files(root: str, files: list[WrittenFile], *, dim: int) -> tuple[dict, int]:
-    """One append commit per table for `files` not yet in it, then delete their markers.
-    Returns (table -> version after, rows newly committed)."""
+    """Append commits of at most COMMIT_FILES files per table for `files` not yet in it; after
+    each commit, its files' markers are deleted (in bulk). Returns (table -> version after,
+    rows newly committed)."""
     versions, committed = {}, 0
     for name, schema in ((tables.EMBEDDINGS, tables.embeddings_schema(dim)), (tables.ERRORS, tables.errors_schema())):
         uri = tables.table_uri(root, name)
         dt = tables.ensure_table(uri, schema)
         active = {p.rsplit("/", 1)[-1] for p in dt.file_uris()}
-        mine = [f for f in files if f.table == name and f.path not in active]
-        if mine:
-            versions[name] = tables.commit_files(uri, [(f.path, f.size, f.rows) for f in mine], schema)
-            committed += sum(f.rows for f in mine)
-        else:
-            versions[name] = dt.version()
+        versions[name] = dt.version()
+        ours = [f for f in files if f.table == name]
+        for i in range(0, len(ours), COMMIT_FILES):
+            chunk = ours[i: i + COMMIT_FILES]
+            mine = [f for f in chunk if f.path not in active]
+            if mine:
+                versions[name] = tables.commit_files(uri, [(f.path, f.size, f.rows, f.stats) for f in mine], schema)
+                committed += sum(f.rows for f in mine)
+            remove_markers(root, chunk)
+    return versions, committed
+
+
+def remove_markers(root: str, files: list[WrittenFile]) -> None:
+    """Delete the markers of `files` in bulk (S3: DeleteObjects, 1,000 keys a request);
+    markers already gone are skipped."""
+    if not files:
+        return
     fs = storage.filesystem(root)
-    for f in files:
+    paths = [storage.strip_scheme(marker_uri(root, f)) for f in files]
+    if storage.is_s3(root):
+        from fsspec.asyn import sync
+
+        for i in range(0, len(paths), 1000):  # DeleteObjects takes 1,000 keys and reports no error for a missing one
+            sync(fs.loop, fs._bulk_delete, paths[i: i + 1000])
+        return
+    for p in paths:
         try:
-            fs.rm_file(storage.strip_scheme(marker_uri(root, f)))
+            fs.rm_file(p)
         except FileNotFoundError:  # a repeated commit already removed it
             pass
-    return versions, committed
 
 
 def recover_pending(root: str, *, dim: int, model_version: str) -> int:
@@ -188,7 +246,7 @@ def recover_pending(root: str, *, dim: int, model_version: str) -> int:
         return 0
     if not paths:
         return 0
-    files = [WrittenFile(**json.loads(fs.cat_file(p))) for p in paths]
+    files = [WrittenFile(**json.loads(body)) for body in fs.cat(paths, on_error="raise").values()]  # concurrent GETs on S3
     keep = []
     for f in files:
         rows = _pending_rows(root, f)
@@ -278,7 +336,4 @@ def _drop(root: str, f: WrittenFile, *, keep_data: bool = False) -> None:
             fs.rm_file(storage.strip_scheme(storage.join(tables.table_uri(root, f.table), f.path)))
         except FileNotFoundError:
             pass
-    try:
-        fs.rm_file(storage.strip_scheme(marker_uri(root, f)))
-    except FileNotFoundError:
-        pass
+    remove_markers(root, [f])

@@ -91,7 +91,7 @@ def reservoir_file(path: str, table_uri: str, quota: int, seed: int, exclude=Non
     import numpy as np
     import pyarrow.parquet as pq
 
-    from sparse_embed.pipeline.index.snapshot import vectors_of
+    from sparse_embed.pipeline.index.vectors import vectors_of
     from sparse_embed.pipeline.store import storage
 
     res = Reservoir(quota, np.random.default_rng([seed, 0x5E5E]))

@@ -7,6 +7,7 @@ as nulls when not: search then prints ids, and updates compare ids only.
 """
 from __future__ import annotations
 
+from sparse_embed.pipeline.index.vectors import vectors_of  # noqa: F401  (re-exported)
 from sparse_embed.pipeline.store import storage, tables
 
 
@@ -18,29 +19,6 @@ def ids_schema():
     import pyarrow as pa
 
     return pa.schema([("image_id", pa.int64()), ("uri", pa.string()), ("etag", pa.string())])
-
-
-def vectors_of(column):
-    """An embedding column -> (n, D) float32, chunk by chunk from each chunk's flat values
-    (no concatenation of Arrow lists, so no 32-bit list offsets past 2^31 floats). Files
-    this job writes hold fixed_size_list; files deltalake rewrites (deletes, merges) hold
-    list, since Delta has no fixed-size array type. Both read the same."""
-    import numpy as np
-
-    chunks = column.chunks if hasattr(column, "chunks") else [column]
-    parts = [_chunk_vectors(c) for c in chunks if len(c)]
-    if not parts:
-        return np.zeros((0, 0), dtype="float32")
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-def _chunk_vectors(chunk):
-    """One Arrow list array -> (n, D) float32; `flatten` honours the chunk's slice offset,
-    and for a fixed_size_list it is a zero-copy view of the child values."""
-    import numpy as np
-
-    flat = chunk.flatten().to_numpy(zero_copy_only=False)
-    return np.ascontiguousarray(flat.reshape(len(chunk), -1), dtype="float32")
 
 
 def read_file(path: str, table_uri: str, columns=("image_id", "uri", "etag", "embedding")):

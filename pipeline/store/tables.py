@@ -122,6 +122,18 @@ def delete_matching(uri: str, keys, on: tuple[str, ...]) -> int:
     return int(metrics.get("num_target_rows_deleted", 0))
 
 
+def count_rows(uri: str, version: int | None = None) -> int:
+    """Rows of the table from its add actions' numRecords (no data file is read)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    dt = open_table(uri, version)
+    if dt is None:
+        return 0
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    return int(pc.sum(actions.column("num_records")).as_py() or 0) if actions.num_rows else 0
+
+
 def version_of(uri: str) -> int | None:
     dt = open_table(uri)
     return None if dt is None else dt.version()
@@ -145,9 +157,10 @@ def write_parquet_file(uri: str, rel: str, table) -> int:
 
     fs, root = storage.arrow_filesystem(uri)
     path = f"{root}/{rel}"
-    tmp = path if storage.is_s3(uri) else f"{root}/.{rel}.tmp"  # an S3 PUT is atomic; a local write is not
+    folder, name = path.rsplit("/", 1)
+    tmp = path if storage.is_s3(uri) else f"{folder}/.{name}.tmp"  # an S3 PUT is atomic; a local write is not
     if tmp != path:
-        fs.create_dir(root, recursive=True)
+        fs.create_dir(folder, recursive=True)
     with fs.open_output_stream(tmp) as f:
         pq.write_table(table, f, compression="zstd")
     if tmp != path:
@@ -155,10 +168,31 @@ def write_parquet_file(uri: str, rel: str, table) -> int:
     return fs.get_file_info(path).size
 
 
-def commit_files(uri: str, files: list[tuple[str, int, int]], schema, *, mode: str = "append") -> int:
+def column_stats(table, columns: tuple[str, ...]) -> dict:
+    """Delta file statistics (minValues, maxValues, nullCount) of `columns` of `table`, for
+    an add action: readers skip the file when a lookup's value is outside [min, max]."""
+    import pyarrow.compute as pc
+
+    stats = {"minValues": {}, "maxValues": {}, "nullCount": {}}
+    for c in columns:
+        if c not in table.column_names or not table.num_rows:
+            continue
+        mm = pc.min_max(table.column(c))
+        if mm["min"].is_valid:
+            stats["minValues"][c], stats["maxValues"][c] = mm["min"].as_py(), mm["max"].as_py()
+        stats["nullCount"][c] = table.column(c).null_count
+    return stats
+
+
+CHECKPOINT_AFTER_FILES = 1000  # a commit adding at least this many files is followed by a checkpoint
+
+
+def commit_files(uri: str, files: list[tuple], schema, *, mode: str = "append") -> int:
     """One commit adding Parquet files already in the table directory, as (path relative
-    to the table, bytes, rows); mode="overwrite" also removes every file the table had.
-    Returns the new version."""
+    to the table, bytes, rows) or (path, bytes, rows, column_stats(...)); mode="overwrite"
+    also removes every file the table had. A commit of CHECKPOINT_AFTER_FILES files or more
+    is followed by a Delta checkpoint, so readers do not replay a long log. Returns the new
+    version."""
     import json
     import time
 
@@ -167,10 +201,14 @@ def commit_files(uri: str, files: list[tuple[str, int, int]], schema, *, mode: s
     check_before_commit(uri)
     dt = ensure_table(uri, schema)
     now_ms = int(time.time() * 1000)
-    actions = [AddAction(path=path, size=size, partition_values={}, modification_time=now_ms, data_change=True,
-                         stats=json.dumps({"numRecords": rows})) for path, size, rows in files]
+    actions = [AddAction(path=f[0], size=f[1], partition_values={}, modification_time=now_ms, data_change=True,
+                         stats=json.dumps({"numRecords": f[2]} | (f[3] if len(f) > 3 and f[3] else {}), default=str))
+               for f in files]
     dt.create_write_transaction(actions, mode=mode, schema=schema)
-    return open_table(uri).version()
+    dt = open_table(uri)
+    if len(files) >= CHECKPOINT_AFTER_FILES:
+        dt.create_checkpoint()
+    return dt.version()
 
 
 def vacuum(uri: str, *, retention_hours: int) -> int:

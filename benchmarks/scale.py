@@ -1,0 +1,250 @@
+"""`sparse-embed bench scale`: the metadata stages of a first run and of a nightly with 1%
+changed at 10^6 and 10^7 objects, over real S3 Inventory files (CSV, gzipped) and real
+Delta tables on local disk.
+
+Per size, one process (the measured driver, with a local Ray of its own) runs, for a first
+run and then a nightly: list (the inventory read by Ray tasks into the listing table),
+diff (todo.build_todo: partition, per-bucket diff, ids, deletes of changed rows) and
+commit (write tasks put the todo rows as embedding files, sink.commit_files commits them).
+Embedding is skipped: the write tasks put zero vectors of --dim floats, so the table's
+bytes are mostly metadata columns, not vectors (a real 512-d table is ~20x larger).
+Reported: objects/s of each stage, the driver's peak RSS (getrusage of that process), and
+the bytes the table updates read and wrote (files added or removed between versions).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+BUCKET = "scale-bench"
+ROWS_PER_INVENTORY_FILE = 1_000_000
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--objects", default="1000000,10000000", help="comma-separated sizes (default 1000000,10000000)")
+    p.add_argument("--changed", type=float, default=0.01,
+                   help="fraction changed for the nightly: half modified, a quarter new, a quarter deleted (default 0.01)")
+    p.add_argument("--dim", type=int, default=8, help="floats per synthetic embedding (default 8)")
+    p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray (default 2)")
+    p.add_argument("--workdir", default=None, help="where the inventories and tables go (default: a temporary directory)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one size in this process
+
+
+def _keys(lo: int, hi: int):
+    """img/<last 3 digits>/<10 digits>.jpg for lo .. hi-1 (vectorised)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = pa.array(np.arange(lo, hi, dtype=np.int64))
+    s = pc.utf8_lpad(pc.cast(ids, pa.string()), 10, "0")
+    shard = pc.utf8_slice_codeunits(s, 7, 10)
+    return pc.binary_join_element_wise("img/", shard, "/", s, ".jpg", "")
+
+
+def write_inventory(root: str, n: int, *, changed: float, day: int, seed: int = 0) -> str:
+    """An S3 Inventory report (manifest.json + gzipped CSV files) of `n` synthetic objects
+    on local disk; day 1 has `changed` of day 0 modified (half), new (a quarter) and
+    deleted (a quarter). Returns the manifest's path."""
+    import gzip
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    rng = np.random.default_rng(seed)
+    k = int(n * changed)
+    modified_mask = np.zeros(n, bool)
+    deleted_mask = np.zeros(n, bool)
+    if day:
+        picked = rng.choice(n, k // 2 + k // 4, replace=False)
+        modified_mask[picked[: k // 2]] = True
+        deleted_mask[picked[k // 2:]] = True
+    base = os.path.join(root, f"inventory/{BUCKET}/daily")
+    files = []
+    total = n + (k // 4 if day else 0)
+    for part, lo in enumerate(range(0, total, ROWS_PER_INVENTORY_FILE)):
+        hi = min(total, lo + ROWS_PER_INVENTORY_FILE)
+        keys = _keys(lo, hi)
+        idx = np.arange(lo, hi)
+        old = idx[idx < n]
+        etag = np.r_[np.where(modified_mask[old], "e1", "e0"), np.full(len(idx) - len(old), "e0")]
+        keep = np.r_[~deleted_mask[old], np.ones(len(idx) - len(old), bool)]
+        table = pa.table({"bucket": pa.array([BUCKET] * (hi - lo)), "key": keys, "size": pa.array(idx % 90_000 + 1000),
+                          "last_modified": pa.array(["2026-12-01T00:00:00.000Z"] * (hi - lo)), "etag": pa.array(etag)}).filter(pa.array(keep))
+        key = f"inventory/{BUCKET}/daily/data/day{day}-{part:05d}.csv.gz"
+        path = os.path.join(root, key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with gzip.open(path, "wb", compresslevel=1) as f:
+            pacsv.write_csv(table, f, write_options=pacsv.WriteOptions(include_header=False, quoting_style="all_valid"))
+        files.append({"key": key, "size": os.path.getsize(path), "MD5checksum": "0"})
+    manifest = os.path.join(base, f"2026-12-0{1 + day}T00-00Z", "manifest.json")
+    os.makedirs(os.path.dirname(manifest), exist_ok=True)
+    with open(manifest, "w") as f:
+        json.dump({"sourceBucket": BUCKET, "destinationBucket": f"arn:aws:s3:::{BUCKET}", "version": "2016-11-30",
+                   "fileFormat": "CSV", "fileSchema": "Bucket, Key, Size, LastModifiedDate, ETag", "files": files}, f)
+    return manifest
+
+
+def _table_files(uri: str) -> dict:
+    from sparse_embed.pipeline.store import tables
+
+    dt = tables.open_table(uri)
+    if dt is None:
+        return {}
+    import pyarrow as pa
+
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    return dict(zip(actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist()))
+
+
+def _io(before: dict, after: dict) -> tuple[int, int]:
+    """(bytes of files removed, bytes of files added) between two versions' file lists."""
+    return (sum(s for p, s in before.items() if p not in after), sum(s for p, s in after.items() if p not in before))
+
+
+def write_rows(out: str, path: str, run_id: str, dim: int) -> list:
+    """Write task: the todo file's rows as embedding rows with zero vectors (no model)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sparse_embed.pipeline.embed.sink import EmbeddingTableSink, file_name
+    from sparse_embed.pipeline.store import tables
+
+    todo = pq.read_table(path)
+    sink = EmbeddingTableSink(out, run_id=run_id, dim=dim)
+    written = []
+    for lo in range(0, todo.num_rows, tables.ROWS_PER_FILE):
+        t = todo.slice(lo, tables.ROWS_PER_FILE)
+        n = t.num_rows
+        rows = pa.table({
+            "image_id": t.column("image_id"), "uri": t.column("uri"), "etag": t.column("etag"), "size": t.column("size"),
+            "mtime": t.column("mtime"), "width": pa.array(np.full(n, 8, np.int32)), "height": pa.array(np.full(n, 8, np.int32)),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * dim, np.float32)), dim),
+            "model": pa.array(["bench"] * n), "model_version": pa.array(["bench-v1"] * n), "run_id": pa.array([run_id] * n),
+        }, schema=tables.embeddings_schema(dim))
+        written.append(sink._write_file(tables.EMBEDDINGS, file_name(run_id, rows), rows))
+    return written
+
+
+def _one_run(out: str, manifest: str, run_id: str, dim: int) -> dict:
+    import ray
+
+    from sparse_embed.pipeline.embed import sink
+    from sparse_embed.pipeline.embed.listing import list_objects
+    from sparse_embed.pipeline.embed.todo import build_todo, remove_work
+    from sparse_embed.pipeline.store import tables
+
+    emb = tables.table_uri(out, tables.EMBEDDINGS)
+    res = {}
+    t0 = time.perf_counter()
+    listed = list_objects(f"s3://{BUCKET}/img/", into=tables.table_uri(out, tables.LISTING), inventory=manifest)
+    res["list_s"] = time.perf_counter() - t0
+    res["listed"] = listed.num_rows
+    before = _table_files(emb)
+    t0 = time.perf_counter()
+    todo = build_todo(out=out, root=out, listed=listed, run_id=run_id, model_version="bench-v1", max_attempts=3)
+    res["diff_s"] = time.perf_counter() - t0
+    res["counts"] = todo.counts
+    mid = _table_files(emb)
+    res["delete_read_bytes"], res["delete_written_bytes"] = (sum(before.values()) if mid != before else 0), _io(before, mid)[1]
+    t0 = time.perf_counter()
+    task = ray.remote(num_cpus=0.5)(write_rows)
+    files = [f for part in ray.get([task.remote(out, p, run_id, dim) for p in todo.paths]) for f in part]
+    res["write_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tables.ensure_table(emb, tables.embeddings_schema(dim))
+    sink.commit_files(out, files, dim=dim)
+    res["commit_s"] = time.perf_counter() - t0
+    after = _table_files(emb)
+    res["append_written_bytes"] = _io(mid, after)[1]
+    res["table_bytes"] = sum(after.values())
+    res["todo"] = todo.num_rows
+    remove_work(out, run_id)
+    return res
+
+
+def _measure_one(args) -> int:
+    import resource
+
+    import ray
+
+    n = int(args.one)
+    root = os.path.join(args.workdir, f"n{n}")
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
+    out = os.path.join(root, "out")
+    first = _one_run(out, os.path.join(root, "day0.json"), "first", args.dim)
+    nightly = _one_run(out, os.path.join(root, "day1.json"), "nightly", args.dim)
+    ray.shutdown()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"n": n, "first": first, "nightly": nightly, "driver_peak_rss": peak}))
+    return 0
+
+
+def run(args) -> int:
+    if args.one:
+        return _measure_one(args)
+    import shutil
+
+    work = args.workdir or tempfile.mkdtemp(prefix="bench-scale-")
+    results = []
+    try:
+        for n in (int(x) for x in args.objects.split(",")):
+            root = os.path.join(work, f"n{n}")
+            os.makedirs(root, exist_ok=True)
+            t0 = time.perf_counter()
+            for day in (0, 1):
+                shutil.copy(write_inventory(root, n, changed=args.changed, day=day), os.path.join(root, f"day{day}.json"))
+                # the copy sits in <root>, above inventory/: its data file keys resolve from there
+            gen_s = time.perf_counter() - t0
+            cmd = [sys.executable, "-m", "sparse_embed.jobs.cli", "bench", "scale", "--one", str(n), "--workdir", work,
+                   "--dim", str(args.dim), "--cpus", str(args.cpus)]
+            checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # Ray's workers import benchmarks.scale
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")])))
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise RuntimeError(f"bench scale --one {n} exited {done.returncode}:\n{done.stderr[-3000:]}")
+            line = [l for l in done.stdout.splitlines() if l.startswith("{")][-1]
+            results.append(json.loads(line) | {"generate_s": gen_s})
+            print(_table([results[-1]]), flush=True)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(_summary(results))
+    return 0
+
+
+def _table(results: list[dict]) -> str:
+    lines = ["| objects | run | list obj/s | diff obj/s | write+commit obj/s (rows) | metadata s | delete read / written | append written | table bytes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for name in ("first", "nightly"):
+            x = r[name]
+            meta = x["list_s"] + x["diff_s"] + x["commit_s"]
+            lines.append(f"| {r['n']:,} | {name} | {x['listed'] / x['list_s']:,.0f} | {x['listed'] / x['diff_s']:,.0f} | "
+                         f"{x['todo'] / max(x['write_s'] + x['commit_s'], 1e-9):,.0f} ({x['todo']:,}) | {meta:.1f} | "
+                         f"{x['delete_read_bytes'] / 2**20:,.1f} / {x['delete_written_bytes'] / 2**20:,.1f} MiB | "
+                         f"{x['append_written_bytes'] / 2**20:,.1f} MiB | {x['table_bytes'] / 2**20:,.1f} MiB |")
+        lines.append(f"| {r['n']:,} | driver peak RSS | {r['driver_peak_rss'] / 2**20:,.0f} MiB | | | | | | |")
+    return "\n".join(lines)
+
+
+def _summary(results: list[dict]) -> str:
+    out = ["", _table(results), ""]
+    if len(results) >= 2:
+        a, b = results[0], results[-1]
+        out.append(f"driver peak RSS {b['n']:,} / {a['n']:,}: {b['driver_peak_rss'] / a['driver_peak_rss']:.2f} (target <= 1.3)")
+    for r in results:
+        f, n = r["first"], r["nightly"]
+        written = n["delete_written_bytes"] + n["append_written_bytes"]
+        meta = lambda x: x["list_s"] + x["diff_s"] + x["commit_s"]  # noqa: E731
+        out.append(f"{r['n']:,}: nightly wrote {written / max(f['table_bytes'], 1):.1%} of the table's bytes (target <= 5%); "
+                   f"nightly metadata stages {meta(n) / meta(f):.1%} of the first run's (target <= 10%)")
+    return "\n".join(out)

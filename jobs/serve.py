@@ -1,0 +1,58 @@
+"""`sparse-embed serve --index OUT/index [--host 127.0.0.1] [--port 8080]`: the search page and
+its JSON API, over the index CURRENT points to (picked up again when CURRENT moves)."""
+from __future__ import annotations
+
+import argparse
+
+from .options import non_negative_float, positive_int
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", required=True, help="index root URI (holds CURRENT), e.g. s3://bucket/emb/index")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; the page has no login, so "
+                        "another address lets anyone who reaches it browse the index)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0 picks a free one)")
+    p.add_argument("--max-upload-mb", type=positive_int, default=20, help="largest uploaded query image in MiB (default 20)")
+    p.add_argument("--max-k", type=positive_int, default=200, help="most results one search may ask for (default 200)")
+    p.add_argument("--check-every", type=non_negative_float, default=2.0, metavar="SECONDS",
+                   help="read CURRENT at most this often and load a new index when it moves (default 2)")
+
+
+def start_background(index: str, *, host: str = "127.0.0.1", port: int = 0, check_every: float = 2.0,
+                     max_upload_mb: int = 20, max_k: int = 200):
+    """The server on a background thread (demo --serve, benchmarks); -> (BackgroundServer, LiveIndex)."""
+    from sparse_embed.pipeline.serve.app import build_app
+    from sparse_embed.pipeline.serve.live_index import LiveIndex
+    from sparse_embed.pipeline.serve.runner import BackgroundServer
+
+    live = LiveIndex(index, check_every_s=check_every)
+    live.load()
+    server = BackgroundServer(build_app(live, max_k=max_k, max_upload_bytes=max_upload_mb * 2 ** 20), host, port)
+    server.start()
+    return server, live
+
+
+def run(args) -> int:
+    import asyncio
+
+    from sparse_embed.pipeline.serve.app import build_app
+    from sparse_embed.pipeline.serve.live_index import LiveIndex
+    from sparse_embed.pipeline.serve.runner import is_loopback, serve_forever
+    from sparse_embed.pipeline.store.storage import check_readable
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"Expected --port from 0 to 65535, got {args.port}")
+    check_readable(args.index, role="--index")  # credentials and bucket, named before the index is read
+    live = LiveIndex(args.index, check_every_s=args.check_every)
+    loaded = live.load()
+    app = build_app(live, max_k=args.max_k, max_upload_bytes=args.max_upload_mb * 2 ** 20)
+    if not is_loopback(args.host):
+        print(f"warning: listening on {args.host}: anyone who can reach it can search the index and see its images "
+              f"(there is no login); --host 127.0.0.1 keeps it to this machine", flush=True)
+
+    def ready(url: str) -> None:
+        print(f"serving index {loaded.index_id} ({loaded.index.ntotal} vectors) at {url}  (Ctrl-C stops it)", flush=True)
+
+    asyncio.run(serve_forever(app, args.host, args.port, on_ready=ready))
+    return 0

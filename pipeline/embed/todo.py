@@ -1,0 +1,219 @@
+"""Stage 2 at scale: the diff, image_id assignment and the todo list, in Ray tasks over
+hash(uri) buckets (buckets.py). The driver holds file paths, versions and counts.
+
+1. partition: tasks read the listing, embeddings, errors and image_ids files (a table
+   version's data files) in groups and write each row's (needed columns) into
+   <work>/<table>/b=<bucket>/ (one file per group and bucket);
+2. diff: one task per bucket joins its four parts (buckets.diff_bucket) and writes the
+   bucket's todo rows, stale embedding keys and error keys to clear; it returns counts,
+   the number of URIs without an id and the largest id it saw;
+3. ids: the driver turns the per-bucket counts into a prefix sum after the largest id ever
+   given; one task per bucket with new URIs fills in its block of ids and writes them as
+   an uncommitted file of <out>/image_ids, committed by the driver in one append before
+   any embedding is written (a crash after it leaves ids the next run reuses);
+4. the embed stage reads the todo files (`TodoParts.read`, on the driver: O(todo rows)).
+<work> is <out>/_work/<run_id>/. A run removes all of <out>/_work before its diff and after
+its embed stage: it holds the output lock, so any other work directory is a dead run's.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from sparse_embed.pipeline.embed import buckets
+from sparse_embed.pipeline.store import storage, tables
+
+log = logging.getLogger(__name__)
+
+FILES_PER_PARTITION_TASK = 8  # input files one partition task reads (Delta files of <= ~8k-1M rows each)
+INPUTS = {  # work-directory name -> (table, columns)
+    "listed": (tables.LISTING, ["uri", "etag", "size", "mtime"]),
+    "embedded": (tables.EMBEDDINGS, ["uri", "etag", "model_version"]),
+    "errors": (tables.ERRORS, ["uri", "etag", "attempts"]),
+    "ids": (tables.IMAGE_IDS, ["uri", "image_id"]),
+}
+
+
+@dataclass
+class TodoParts:
+    paths: list  # todo Parquet files (one per bucket with work)
+    num_rows: int
+    first_tries: int  # todo rows never tried before at their etag
+    counts: dict = field(default_factory=dict)  # the diff's counts, summed over buckets
+
+    def read(self):
+        """The todo rows as one Arrow table (image_id, uri, etag, size, mtime, attempts)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        fs, _ = storage.arrow_filesystem(self.paths[0])
+        parts = []
+        for p in self.paths:
+            with fs.open_input_file(storage.strip_scheme(p)) as src:
+                parts.append(pq.read_table(src))
+        return pa.concat_tables(parts)
+
+
+def work_dir(out: str, run_id: str) -> str:
+    return storage.join(out, "_work", run_id)
+
+
+def remove_work(out: str, run_id: str | None = None) -> None:
+    """Remove <out>/_work/<run_id> (all of <out>/_work when run_id is None)."""
+    fs = storage.filesystem(out)
+    path = storage.strip_scheme(work_dir(out, run_id) if run_id else storage.join(out, "_work"))
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def _table_files(uri: str, version: int | None = None) -> list[str]:
+    dt = tables.open_table(uri, version)
+    return [] if dt is None else list(dt.file_uris())
+
+
+def partition_files(files: list[str], columns: list[str], n: int, dest: str, tag: str) -> dict:
+    """Partition task: rows of `files` (their `columns`) into dest/b=<bucket>/<tag>.parquet.
+    Returns {"rows": rows read, "model_versions": the distinct model_version values, if read}."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fs, _ = storage.arrow_filesystem(files[0])
+    parts = []
+    for f in files:
+        with fs.open_input_file(storage.strip_scheme(f)) as src:
+            parts.append(pq.read_table(src, columns=columns))
+    table = pa.concat_tables(parts, promote_options="permissive")
+    versions = (pc.unique(table.column("model_version")).to_pylist() if "model_version" in columns else [])
+    if "model_version" in columns:
+        table = table.drop_columns(["model_version"])
+    b = buckets.bucket_of(table.column("uri"), n)
+    order = np.argsort(b, kind="stable")
+    table, b = table.take(pa.array(order)), b[order]
+    edges = np.flatnonzero(np.diff(b)) + 1
+    for lo, hi in zip(np.r_[0, edges], np.r_[edges, len(b)]):
+        if hi > lo:
+            tables.write_parquet_file(dest, f"b={int(b[lo]):05d}/{tag}.parquet", table.slice(int(lo), int(hi - lo)))
+    return {"rows": table.num_rows, "model_versions": versions}
+
+
+def _read_bucket(work: str, name: str, k: int):
+    """All rows of bucket k of one input, or None when it has none."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs = storage.filesystem(work)
+    base = storage.strip_scheme(storage.join(work, name, f"b={k:05d}"))
+    try:
+        paths = sorted(p for p in fs.ls(base, detail=False) if p.endswith(".parquet"))
+    except FileNotFoundError:
+        return None
+    afs, _ = storage.arrow_filesystem(work)
+    parts = []
+    for p in paths:
+        with afs.open_input_file(p) as src:
+            parts.append(pq.read_table(src))
+    return pa.concat_tables(parts, promote_options="permissive") if parts else None
+
+
+def diff_task(work: str, k: int, max_attempts: int) -> dict:
+    """Diff task of bucket k: writes todo (image_id null for URIs without one), stale and
+    clear files under <work>; returns counts and sizes."""
+    import pyarrow.compute as pc
+
+    listed = _read_bucket(work, "listed", k)
+    embedded, errors, ids = (_read_bucket(work, name, k) for name in ("embedded", "errors", "ids"))
+    if listed is None:
+        listed = _empty_listing()
+    d = buckets.diff_bucket(listed, embedded, errors, ids, max_attempts=max_attempts)
+    out = {"k": k, "counts": d.counts, "new_uris": d.new_uris, "todo_rows": d.todo.num_rows,
+           "first_tries": int(pc.sum(pc.equal(d.todo.column("attempts"), 0)).as_py() or 0) if d.todo.num_rows else 0,
+           "max_id": int(pc.max(ids.column("image_id")).as_py()) if ids is not None and ids.num_rows else -1,
+           "stale": d.stale_embeddings.num_rows, "clear": d.clear_errors.num_rows}
+    for name, table in (("todo", d.todo), ("stale", d.stale_embeddings), ("clear", d.clear_errors)):
+        if table.num_rows:
+            tables.write_parquet_file(work, f"{name}/part-b{k:05d}.parquet", table)
+    return out
+
+
+def _empty_listing():
+    from sparse_embed.pipeline.embed.listing_rows import listing_schema
+
+    return listing_schema().empty_table()
+
+
+def ids_task(work: str, k: int, start: int, ids_uri: str, run_id: str) -> tuple:
+    """Id task of bucket k: fills the todo's missing ids from `start` on, rewrites the todo
+    file and writes the new (uri, image_id, run_id) rows as an uncommitted file of the
+    image_ids table. Returns that file's (path, bytes, rows). Safe to repeat (same names)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    afs, base = storage.arrow_filesystem(work)
+    with afs.open_input_file(f"{base}/todo/part-b{k:05d}.parquet") as src:
+        todo = pq.read_table(src)
+    todo, fresh = buckets.assign_ids(todo, start)
+    tables.write_parquet_file(work, f"todo/part-b{k:05d}.parquet", todo)
+    fresh = fresh.append_column("run_id", pa.array([run_id] * fresh.num_rows, pa.string())).cast(tables.image_ids_schema())
+    rel = f"part-{run_id}-b{k:05d}.parquet"
+    return rel, tables.write_parquet_file(ids_uri, rel, fresh), fresh.num_rows
+
+
+def build_todo(*, out: str, root: str, listed, run_id: str, model_version: str, max_attempts: int) -> TodoParts:
+    """Steps 1-3 (module docstring) for `listed` (a listing.Listed) against root's tables and
+    <out>/image_ids; deletes the stale embedding rows and the error rows about to be
+    retried (one commit per table) and commits the new ids (one append)."""
+    import ray
+
+    remove_work(out)
+    work = work_dir(out, run_id)
+    sources = {"listed": (listed.table_uri, listed.version), "embedded": (tables.table_uri(root, tables.EMBEDDINGS), None),
+               "errors": (tables.table_uri(root, tables.ERRORS), None), "ids": (tables.table_uri(out, tables.IMAGE_IDS), None)}
+    files = {name: _table_files(uri, version) for name, (uri, version) in sources.items()}
+    emb_rows = tables.count_rows(sources["embedded"][0])
+    n = buckets.n_buckets(max(listed.num_rows, emb_rows))
+    part = ray.remote(num_cpus=0.5)(partition_files)
+    jobs = []
+    for name, fs_ in files.items():
+        for i in range(0, len(fs_), FILES_PER_PARTITION_TASK):
+            jobs.append((name, part.remote(fs_[i: i + FILES_PER_PARTITION_TASK], INPUTS[name][1], n,
+                                           storage.join(work, name), f"{i // FILES_PER_PARTITION_TASK:06d}")))
+    versions = set()
+    for name, ref in jobs:
+        versions.update(v for v in ray.get(ref)["model_versions"] if v is not None)
+    if versions and versions != {model_version}:
+        raise RuntimeError(f"{sources['embedded'][0]} mixes model versions: refusing to add to it")
+    diffs = ray.get([ray.remote(num_cpus=0.5)(diff_task).remote(work, k, max_attempts) for k in range(n)])
+    counts = {key: sum(d["counts"][key] for d in diffs) for key in diffs[0]["counts"]}
+
+    ids_uri = tables.table_uri(out, tables.IMAGE_IDS)
+    tables.ensure_table(ids_uri, tables.image_ids_schema())
+    starts = buckets.id_starts(max(d["max_id"] for d in diffs) + 1, [d["new_uris"] for d in diffs])
+    id_files = ray.get([ray.remote(num_cpus=0.5)(ids_task).remote(work, d["k"], s, ids_uri, run_id)
+                        for d, s in zip(diffs, starts) if d["new_uris"]])
+
+    _delete_keys(work, "stale", tables.table_uri(root, tables.EMBEDDINGS), [d for d in diffs if d["stale"]])
+    _delete_keys(work, "clear", tables.table_uri(root, tables.ERRORS), [d for d in diffs if d["clear"]])
+    if id_files:
+        tables.commit_files(ids_uri, id_files, tables.image_ids_schema())
+    paths = [storage.join(work, "todo", f"part-b{d['k']:05d}.parquet") for d in diffs if d["todo_rows"]]
+    return TodoParts(paths, sum(d["todo_rows"] for d in diffs), sum(d["first_tries"] for d in diffs), counts)
+
+
+def _delete_keys(work: str, name: str, uri: str, with_rows: list) -> None:
+    """Delete the rows of `uri` whose (uri, etag) is in the buckets' <name> files, in one
+    commit. The keys are read here: O(changed rows) on the driver."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not with_rows:
+        return
+    afs, base = storage.arrow_filesystem(work)
+    keys = []
+    for d in with_rows:
+        with afs.open_input_file(f"{base}/{name}/part-b{d['k']:05d}.parquet") as src:
+            keys.append(pq.read_table(src))
+    tables.delete_matching(uri, pa.concat_tables(keys), on=("uri", "etag"))

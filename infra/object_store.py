@@ -193,10 +193,31 @@ class LocalObjectStore:
         if self._owns_dir and not keep_data and self.data_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
+    def _volume_count(self) -> int:
+        import json
+
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{self._ports['volume']}/status", timeout=2) as r:
+            return len(json.load(r).get("Volumes") or [])
+
     def restart(self) -> None:
-        """Stop and start on the same ports and data: clients keep their endpoint."""
+        """Stop and start on the same ports and data: clients keep their endpoint. Returns
+        once the volume server has loaded as many volumes as it held before the stop (it
+        answers /status before that, and reads of existing objects fail until then)."""
+        try:
+            held = self._volume_count()
+        except Exception:  # the store is already down: nothing to wait for
+            held = 0
         self.stop(keep_data=True)
         self.start()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if self._volume_count() >= held:
+                    return
+            except Exception:  # not answering yet
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"weed mini restarted but loaded fewer than its {held} volumes within {self.startup_timeout_s:.0f} s")
 
     def __enter__(self) -> "LocalObjectStore":
         return self.start()

@@ -78,6 +78,7 @@ def test_fault_proxy_injects_what_it_is_told(proxy, object_store):
     assert counts["requests"] == sum(counts[k] for k in ("passed", "slowdown", "reset", "stall"))
 
 
+@pytest.mark.slow  # > 40 s on 2 cores; ./dev test -m slow
 def test_slowdown_and_stalls_are_absorbed_exactly_once(proxy, object_store):
     """503 SlowDown on 10 % of requests and 0.5 s stalls on 5 %: the clients' retry policies
     absorb them; the run completes with every object embedded."""
@@ -96,6 +97,7 @@ def test_slowdown_and_stalls_are_absorbed_exactly_once(proxy, object_store):
     assert_exactly_once(source, cfg.out)
 
 
+@pytest.mark.slow  # > 40 s on 2 cores; ./dev test -m slow
 def test_connection_resets_stop_clearly_or_complete_then_resume_exactly_once(proxy, object_store):
     """Resets on 10 % of requests (plus SlowDown on 5 %). A reset that hits a Delta commit
     is not retried by deltalake, so the run may stop: then the rerun resumes, exactly once."""
@@ -173,6 +175,7 @@ def test_embed_actor_killed_mid_run(proxy, object_store):
     assert_settled(cfg)
 
 
+@pytest.mark.slow  # > 40 s on 2 cores; ./dev test -m slow
 def test_object_store_restarted_mid_run(proxy, object_store):
     """weed mini stopped and started again (same ports and data) while the job runs."""
     bucket = object_store.create_bucket("fault-restart")

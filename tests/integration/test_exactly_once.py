@@ -59,6 +59,7 @@ def test_a_second_writer_exits_3_naming_the_holder_and_nothing_is_written_twice(
     assert_settled(cfg)
 
 
+@pytest.mark.slow  # > 40 s on 2 cores; ./dev test -m slow
 def test_the_index_catches_up_after_a_no_index_run_and_after_a_failed_index_stage(ray_local, bucket, monkeypatch):
     source, _ = fill(bucket, 4, seed=22)
     out = f"{bucket}/emb"
@@ -118,6 +119,7 @@ def test_a_run_that_loses_its_lock_stops_before_its_next_commit_and_a_rerun_comp
     assert_settled(cfg)
 
 
+@pytest.mark.slow  # > 40 s on 2 cores; ./dev test -m slow
 def test_infrastructure_failures_never_give_an_object_up_but_object_failures_do(object_store, bucket):
     """Two objects always answer 403 AccessDenied (revoked credentials for them) and one
     object is no image: after max_attempts runs the bad image is given up, the denied ones
@@ -165,6 +167,7 @@ def test_infrastructure_failures_exit_1_naming_them(capsys):
         "up; fix the cause and rerun")
 
 
+@pytest.mark.slow  # > 40 s on 2 cores; ./dev test -m slow
 def test_pending_files_of_another_model_are_never_committed_into_the_new_model(ray_local, bucket):
     """A run of model A is killed with files pending; model B is then promoted; B's next run
     must not commit A's files into B's table (they are dropped)."""
@@ -212,6 +215,7 @@ def test_an_emptied_table_publishes_an_empty_index(ray_local, bucket, capsys):
     assert_settled(EmbedConfig(source=source, out=out, spec=SPEC, rows_per_file=8, index_shards=1, run_id="empty"))
 
 
+@pytest.mark.slow  # > 40 s on 2 cores; ./dev test -m slow
 def test_index_build_of_an_older_version_records_that_versions_encoder(ray_local, bucket, capsys):
     source, _ = fill(bucket, 3, seed=29)
     out = f"{bucket}/emb"

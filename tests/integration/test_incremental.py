@@ -103,6 +103,7 @@ def test_a_day_of_changes_equals_a_fresh_full_run(day0):
     assert source + deleted_key not in ia.uris.values()
 
 
+@pytest.mark.slow  # > 40 s on 2 cores; ./dev test -m slow
 def test_driver_killed_mid_embed_resumes_exactly_once(bucket, ray_local):
     """The CLI's driver and its Ray SIGKILLed after its first written files: the rerun
     commits the killed run's finished files (recovered_rows) and embeds exactly the rest,

@@ -42,7 +42,9 @@ def test_multi_node_cluster_with_logical_gpus_gets_one_actor_per_gpu(object_stor
         ray.init(address=cluster.address, runtime_env={"env_vars": object_store.aws_env()})
         source, uris = _fill(bucket, 8, seed=3)
         result = run_embed(EmbedConfig(source=source, out=f"{bucket}/out", spec=SPEC, embed_batch_size=4, build_index=False))
-        assert result["actor_pool"] == {"size": 2, "num_gpus": 1, "num_cpus": 1, "decode_cpus": 1.0}
+        pool = result["actor_pool"]
+        assert {k: pool[k] for k in ("size", "num_gpus", "num_cpus", "decode_cpus")} == {"size": 2, "num_gpus": 1, "num_cpus": 1, "decode_cpus": 1.0}
+        assert pool["decode"] == "cpu", "logical GPUs without CUDA: --decode auto decodes on the CPU tasks"
         emb = tables.read_columns(tables.table_uri(f"{bucket}/out", tables.EMBEDDINGS), ["uri"])
         assert sorted(emb.column("uri").to_pylist()) == sorted(uris)
     finally:
@@ -85,6 +87,7 @@ def ray_head(tmp_path, object_store):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.slow  # > 40 s on 2 cores; ./dev test -m slow
 def test_ray_job_submit_runs_the_embed_job(ray_head, bucket):
     address, env, ray_bin = ray_head
     source, uris = _fill(bucket, 6, seed=4)

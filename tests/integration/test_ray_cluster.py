@@ -44,7 +44,7 @@ def test_multi_node_cluster_with_logical_gpus_gets_one_actor_per_gpu(object_stor
         result = run_embed(EmbedConfig(source=source, out=f"{bucket}/out", spec=SPEC, embed_batch_size=4, build_index=False))
         pool = result["actor_pool"]
         assert {k: pool[k] for k in ("size", "num_gpus", "num_cpus", "decode_cpus")} == {"size": 2, "num_gpus": 1, "num_cpus": 1, "decode_cpus": 1.0}
-        assert pool["decode"] == "cpu", "logical GPUs without CUDA: --decode auto decodes on the CPU tasks"
+        assert pool["decode"] == "cpu", "the default --decode cpu decodes in CPU tasks"
         emb = tables.read_columns(tables.table_uri(f"{bucket}/out", tables.EMBEDDINGS), ["uri"])
         assert sorted(emb.column("uri").to_pylist()) == sorted(uris)
     finally:

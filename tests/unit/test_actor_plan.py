@@ -89,7 +89,9 @@ def test_wanted_and_missing_resources():
 @pytest.mark.slow
 def test_plan_against_a_real_ray_cluster_with_logical_gpus():
     """Two-node Ray cluster, the GPU node added while the plan waits (what an autoscaler does)."""
-    import threading
+    import subprocess
+    import sys
+    from pathlib import Path
 
     import ray
     from ray.cluster_utils import Cluster
@@ -99,13 +101,21 @@ def test_plan_against_a_real_ray_cluster_with_logical_gpus():
         ray.init(address=cluster.address)
         with pytest.raises(ValueError, match=r"--actors 1 exceeds the cluster's 0 GPUs|cluster still lacks 1 GPU"):
             plan_when_ready(ray.cluster_resources, actors=1, actor_cpus=None, wait_s=2, poll_s=0.5)
-        timer = threading.Timer(1.0, lambda: cluster.add_node(num_cpus=2, num_gpus=1))
-        timer.start()
-        pool = plan_when_ready(ray.cluster_resources, actors=1, actor_cpus=None, decode="auto", wait_s=120, poll_s=0.5)
-        timer.join()
-        assert pool["size"] == 1 and pool["num_gpus"] == 1 and pool["decode"] == "device"
-        with pytest.raises(ValueError, match=r"--actors 2 exceeds the cluster's 1 GPUs"):
-            plan_actors(ray.cluster_resources(), actors=2, actor_cpus=None)
+        # A second node joins from another process a second later, as an autoscaler's would
+        # (Cluster.add_node cannot run off the main thread).
+        ray_cli = str(Path(sys.executable).with_name("ray"))
+        joiner = subprocess.Popen(["sh", "-c", f"sleep 1; exec {ray_cli} start --address={cluster.address} "
+                                   "--num-cpus=2 --num-gpus=1 --block"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            pool = plan_when_ready(ray.cluster_resources, actors=1, actor_cpus=None, decode="auto", wait_s=120, poll_s=0.5)
+            assert pool["size"] == 1 and pool["num_gpus"] == 1 and pool["decode"] == "device"
+            resources = ray.cluster_resources()
+            assert resources.get("GPU") == 1, resources
+            with pytest.raises(ValueError, match=r"--actors 2 exceeds the cluster's 1 GPUs"):
+                plan_actors(resources, actors=2, actor_cpus=None)
+        finally:
+            joiner.terminate()
+            joiner.wait(timeout=60)
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from sparse_embed.infra.synthetic_images import base_image, encode
-from sparse_embed.pipeline.embed.decode import DecompressionBomb, NotAnImage, ResizePlan, UnsupportedFormat, decode_image
+from sparse_embed.pipeline.embed.decode import DecodeError, DecompressionBomb, NotAnImage, ResizePlan, UnsupportedFormat, decode_image
 from sparse_embed.pipeline.embed.decode_device import decode_batch, read_jpeg_header, resized_size
 
 PLAN = ResizePlan.from_data_config({"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.875})
@@ -101,7 +101,7 @@ def test_a_truncated_jpeg_is_an_error_row_as_on_the_cpu_path():
     good = _jpeg(320, 240, seed=11)
     got = decode_batch([good, good[: len(good) // 3]], PLAN, device="cpu")
     assert got.ok == [0] and got.on_device == 1
-    with pytest.raises(Exception) as cpu_error:
+    with pytest.raises(DecodeError, match="image file is truncated") as cpu_error:
         decode_image(good[: len(good) // 3], PLAN)
     assert type(got.errors[1]) is type(cpu_error.value) and str(got.errors[1]) == str(cpu_error.value)
 

@@ -14,20 +14,16 @@ invalidating; an update's index shares its base shards' cached files with its pa
 from __future__ import annotations
 
 import json
-import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from sparse_embed.pipeline.store import storage
 from sparse_embed.pipeline.index.tune import merge_topk
 
-log = logging.getLogger(__name__)
 
 CACHE_DIR = Path(os.environ.get("SPARSE_EMBED_CACHE", Path.home() / ".cache" / "sparse-embed"))
-DEFAULT_CHECK_EVERY_S = 30.0  # how often a long-lived searcher reads CURRENT
 
 
 def current_index_id(index_root: str) -> str:
@@ -256,100 +252,3 @@ def _selector_params(shard, selector):
     if isinstance(shard, faiss.IndexPreTransform):
         return faiss.SearchParametersPreTransform(index_params=params)
     return params
-
-
-class IndexHolder:
-    """A long-lived searcher: opens the index CURRENT points to once, and `current()` reads
-    CURRENT again at most every `check_every_s` seconds, opening a new index when it moved
-    and swapping it in whole. Searches already holding the previous index finish on it; a
-    failed check or open logs a warning and keeps serving the previous index."""
-
-    def __init__(self, index_root: str, *, check_every_s: float = DEFAULT_CHECK_EVERY_S, clock=time.monotonic):
-        if check_every_s < 0:
-            raise ValueError(f"Expected check_every_s >= 0, got {check_every_s!r}")
-        self.index_root, self.check_every_s, self._clock = index_root, check_every_s, clock
-        self._index = ShardedIndex.open(index_root)
-        self._checked = clock()
-        self._reloading = threading.Lock()
-
-    def current(self) -> ShardedIndex:
-        now = self._clock()
-        if now - self._checked >= self.check_every_s and self._reloading.acquire(blocking=False):
-            try:
-                self._checked = now
-                self.reload()
-            finally:
-                self._reloading.release()
-        return self._index
-
-    def reload(self) -> bool:
-        """Read CURRENT now; open and swap in the index it names if it is not the one held.
-        True when a new index was swapped in."""
-        try:
-            index_id = current_index_id(self.index_root)
-            if index_id == self._index.manifest["index_id"]:
-                return False
-            fresh = ShardedIndex.open(self.index_root, index_id=index_id)
-        except Exception as e:  # noqa: BLE001 - keep serving the open index; the next check retries
-            log.warning("index %s: keeping %s: could not open the new CURRENT: %s: %s", self.index_root,
-                        self._index.manifest["index_id"], type(e).__name__, e)
-            return False
-        self._index = fresh  # one reference assignment: readers see the old or the new index, whole
-        log.info("index %s: now serving %s", self.index_root, index_id)
-        return True
-
-
-def vectors_for_ids(table_uri: str, version: int | None, image_ids: list[int]):
-    import numpy as np
-    import pyarrow.compute as pc
-
-    from sparse_embed.pipeline.store import tables
-    from sparse_embed.pipeline.index.snapshot import vectors_of
-
-    dt = tables.open_table(table_uri, version)
-    if dt is None:
-        raise FileNotFoundError(f"No embeddings table at {table_uri!r} (version {version})")
-    wanted = [int(i) for i in image_ids]
-    has_uri = "uri" in [f.name for f in dt.schema().fields]
-    t = dt.to_pyarrow_dataset().to_table(columns=["image_id", "embedding"] + (["uri"] if has_uri else []),
-                                         filter=pc.field("image_id").isin(wanted))
-    have = t.column("image_id").to_pylist()
-    missing = sorted(set(wanted) - set(have))
-    if missing:
-        raise ValueError(f"Expected --image-id values present in table {table_uri} v{dt.version()}, "
-                         f"got unknown ids {missing[:10]}")
-    pos = {i: r for r, i in enumerate(have)}
-    rows = [pos[i] for i in wanted]
-    vectors = vectors_of(t.column("embedding"))[rows]
-    uris = [t.column("uri")[r].as_py() for r in rows] if has_uri else [None] * len(rows)
-    return np.ascontiguousarray(vectors, dtype="float32"), uris
-
-
-def embed_queries(images: list[str], manifest: dict):
-    """Embed query images (paths or URIs) with the encoder spec the index records, through the
-    pipeline's decode and resize (on this machine's CPU, in fp32)."""
-    import numpy as np
-
-    from sparse_embed.pipeline.embed.decode import ResizePlan
-    from sparse_embed.pipeline.embed.actor import EmbedActor
-
-    encoder = manifest.get("encoder")
-    if not encoder:
-        raise ValueError("The index manifest records no encoder; search by vector or rebuild the index from an embed run")
-    actor = EmbedActor(spec=encoder["spec"], expected_version=encoder["model_version"])  # same preprocessing, no Ray
-    plan = ResizePlan.from_data_config(actor.encoder.data_config)
-    pixels = [_query_pixels(u, plan) for u in images]
-    return np.asarray(actor.embed_pixels(pixels))
-
-
-def _query_pixels(uri: str, plan) -> bytes:
-    """decode_image with the embed job's guards and default formats; a refusal is a ValueError naming the query."""
-    from sparse_embed.pipeline.embed.decode import ALLOWED_FORMATS, DecodeError, UnsupportedFormat, decode_image
-
-    try:
-        return decode_image(storage.read_bytes(uri), plan)[0].tobytes()
-    except UnsupportedFormat as e:
-        raise ValueError(f"Expected a query image in one of {', '.join(ALLOWED_FORMATS)}, got {e.detected} "
-                         f"in {uri!r}") from None
-    except DecodeError as e:
-        raise ValueError(f"Expected a decodable query image, got {uri!r}: {type(e).__name__}: {e}") from None

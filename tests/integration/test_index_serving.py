@@ -3,13 +3,16 @@ index gives; updates write only a delta shard and a deletion set, and still equa
 a long-lived searcher picks up a new CURRENT."""
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from sparse_embed.pipeline.index import searcher
 from sparse_embed.pipeline.index.build import BuildConfig, build_index
-from sparse_embed.pipeline.index.searcher import IndexHolder, ShardedIndex, current_index_id
+from sparse_embed.pipeline.index.searcher import ShardedIndex, current_index_id
+from sparse_embed.pipeline.serve.live_index import LiveIndex
 from sparse_embed.pipeline.index.update import UpdateConfig, update_index
 from sparse_embed.pipeline.store import storage, tables
 
@@ -94,8 +97,9 @@ def test_a_long_lived_searcher_picks_up_a_new_current(ray_local, bucket, cache):
     write_table(table, unit_vectors(500, d, seed=41), np.arange(500, dtype="int64"), files=2)
     first = build_index(BuildConfig(table, root, shards=1))
     now = [0.0]
-    holder = IndexHolder(root, check_every_s=60, clock=lambda: now[0])
-    held = holder.current()
+    holder = LiveIndex(root, check_every_s=60, clock=lambda: now[0])  # the server's reloader (serve)
+    current = lambda: asyncio.run(holder.current()).index  # noqa: E731
+    held = holder.load().index
     assert held.manifest["index_id"] == first["index_id"]
 
     new_row = unit_vectors(1, d, seed=42)
@@ -103,13 +107,13 @@ def test_a_long_lived_searcher_picks_up_a_new_current(ray_local, bucket, cache):
     second = update_index(UpdateConfig(table, root))
     assert current_index_id(root) == second["index_id"] != first["index_id"]
     now[0] = 59.0
-    assert holder.current() is held  # not checked yet: at most one read of CURRENT a minute
+    assert current() is held  # not checked yet: at most one read of CURRENT a minute
     now[0] = 61.0
-    fresh = holder.current()
+    fresh = current()
     assert fresh.manifest["index_id"] == second["index_id"]
     assert fresh.search_vectors(new_row, 1)[0][0][0] == 900 and held.search_vectors(new_row, 1)[0][0][0] != 900
-    assert holder.current() is fresh
+    assert current() is fresh
 
     storage.write_bytes_atomic(f"{root}/CURRENT", b"no-such-index")  # a broken pointer: keep serving
     now[0] = 200.0
-    assert holder.current() is fresh
+    assert current() is fresh and "no-such-index" in holder.reload_error

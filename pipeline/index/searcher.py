@@ -252,3 +252,59 @@ def _selector_params(shard, selector):
     if isinstance(shard, faiss.IndexPreTransform):
         return faiss.SearchParametersPreTransform(index_params=params)
     return params
+
+
+def vectors_for_ids(table_uri: str, version: int | None, image_ids: list[int]):
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from sparse_embed.pipeline.store import tables
+    from sparse_embed.pipeline.index.snapshot import vectors_of
+
+    dt = tables.open_table(table_uri, version)
+    if dt is None:
+        raise FileNotFoundError(f"No embeddings table at {table_uri!r} (version {version})")
+    wanted = [int(i) for i in image_ids]
+    has_uri = "uri" in [f.name for f in dt.schema().fields]
+    t = dt.to_pyarrow_dataset().to_table(columns=["image_id", "embedding"] + (["uri"] if has_uri else []),
+                                         filter=pc.field("image_id").isin(wanted))
+    have = t.column("image_id").to_pylist()
+    missing = sorted(set(wanted) - set(have))
+    if missing:
+        raise ValueError(f"Expected --image-id values present in table {table_uri} v{dt.version()}, "
+                         f"got unknown ids {missing[:10]}")
+    pos = {i: r for r, i in enumerate(have)}
+    rows = [pos[i] for i in wanted]
+    vectors = vectors_of(t.column("embedding"))[rows]
+    uris = [t.column("uri")[r].as_py() for r in rows] if has_uri else [None] * len(rows)
+    return np.ascontiguousarray(vectors, dtype="float32"), uris
+
+
+def embed_queries(images: list[str], manifest: dict):
+    """Embed query images (paths or URIs) with the encoder spec the index records, through the
+    pipeline's decode and resize (on this machine's CPU, in fp32)."""
+    import numpy as np
+
+    from sparse_embed.pipeline.embed.decode import ResizePlan
+    from sparse_embed.pipeline.embed.actor import EmbedActor
+
+    encoder = manifest.get("encoder")
+    if not encoder:
+        raise ValueError("The index manifest records no encoder; search by vector or rebuild the index from an embed run")
+    actor = EmbedActor(spec=encoder["spec"], expected_version=encoder["model_version"])  # same preprocessing, no Ray
+    plan = ResizePlan.from_data_config(actor.encoder.data_config)
+    pixels = [_query_pixels(u, plan) for u in images]
+    return np.asarray(actor.embed_pixels(pixels))
+
+
+def _query_pixels(uri: str, plan) -> bytes:
+    """decode_image with the embed job's guards and default formats; a refusal is a ValueError naming the query."""
+    from sparse_embed.pipeline.embed.decode import ALLOWED_FORMATS, DecodeError, UnsupportedFormat, decode_image
+
+    try:
+        return decode_image(storage.read_bytes(uri), plan)[0].tobytes()
+    except UnsupportedFormat as e:
+        raise ValueError(f"Expected a query image in one of {', '.join(ALLOWED_FORMATS)}, got {e.detected} "
+                         f"in {uri!r}") from None
+    except DecodeError as e:
+        raise ValueError(f"Expected a decodable query image, got {uri!r}: {type(e).__name__}: {e}") from None

@@ -31,7 +31,6 @@ from sparse_embed.pipeline.embed.timing import StageTimer
 
 log = logging.getLogger(__name__)
 
-MAX_BLOCKS = 10_000  # bounds scheduling overhead for very large runs
 EMBED_STAGE = "fetch+decode+embed+write"  # its seconds give the report's throughput and busy fraction
 
 
@@ -172,13 +171,11 @@ def _write_embeddings(cfg: EmbedConfig, todo, enc, pool: dict, sink, counter) ->
     from sparse_embed.pipeline.embed.actor import EmbedActor
     from sparse_embed.pipeline.embed.progress import CountRows
 
-    # One decode batch per block, and at least two blocks per actor so none idles. The
-    # driver slices the table into blocks itself: no repartition task.
-    # The todo files (todo.TodoParts) are read here: Ray Data's Parquet reader runs 1-CPU
-    # list and read tasks, which a CPU-only pool plan (0.25 CPU left) never schedules.
-    rows = todo.read()
-    n_blocks = min(MAX_BLOCKS, max(-(-rows.num_rows // cfg.decode_batch_size), min(rows.num_rows, 2 * pool["size"])))
-    ds = ray.data.from_arrow(block_slices(rows, n_blocks))
+    from sparse_embed.pipeline.embed.todo_source import block_rows_for, read_todo
+
+    # Read tasks stream the todo files as blocks of about one decode batch (todo_source.py).
+    ds = read_todo(todo, block_rows=block_rows_for(todo.num_rows, cfg.decode_batch_size, pool["size"]),
+                   num_cpus=pool["decode_cpus"])
     on_device = pool.get("decode") == "device"
     if on_device:  # the tasks only fetch; the actors decode (decode_device.py)
         ds = ds.map_batches(fetch_batch, batch_format="pyarrow", batch_size=cfg.decode_batch_size,
@@ -199,14 +196,6 @@ def _write_embeddings(cfg: EmbedConfig, todo, enc, pool: dict, sink, counter) ->
         num_gpus=pool["num_gpus"], num_cpus=pool["num_cpus"],
     )
     ds.write_datasink(sink, ray_remote_args={"num_cpus": pool["decode_cpus"]})
-
-
-def block_slices(table, n_blocks: int) -> list:
-    """`table` as contiguous zero-copy slices of ceil(rows / n_blocks) rows (the last may be
-    shorter): with the decode batch size as the block size, each decode task gets one block
-    (blocks one row short would be bundled two to a task)."""
-    size = max(1, -(-table.num_rows // n_blocks))
-    return [table.slice(start, size) for start in range(0, table.num_rows, size)]
 
 
 def _table_versions(root: str) -> dict:

@@ -11,7 +11,8 @@ hash(uri) buckets (buckets.py). The driver holds file paths, versions and counts
    given; one task per bucket with new URIs fills in its block of ids and writes them as
    an uncommitted file of <out>/image_ids, committed by the driver in one append before
    any embedding is written (a crash after it leaves ids the next run reuses);
-4. the embed stage reads the todo files (`TodoParts.read`, on the driver: O(todo rows)).
+4. the embed stage reads the todo files in Ray Data read tasks (todo_source.py), in
+   blocks of about one decode batch.
 <work> is <out>/_work/<run_id>/. A run removes all of <out>/_work before its diff and after
 its embed stage: it holds the output lock, so any other work directory is a dead run's.
 """
@@ -21,6 +22,7 @@ import logging
 from dataclasses import dataclass, field
 
 from sparse_embed.pipeline.embed import buckets
+from sparse_embed.pipeline.embed.todo_source import TODO_ROW_GROUP
 from sparse_embed.pipeline.store import storage, tables
 
 log = logging.getLogger(__name__)
@@ -36,22 +38,20 @@ INPUTS = {  # work-directory name -> (table, columns)
 
 @dataclass
 class TodoParts:
-    paths: list  # todo Parquet files (one per bucket with work)
+    paths: list  # todo Parquet files (one per bucket with work), in row groups of TODO_ROW_GROUP rows
+    rows: list  # rows of each file
     num_rows: int
     first_tries: int  # todo rows never tried before at their etag
     counts: dict = field(default_factory=dict)  # the diff's counts, summed over buckets
 
-    def read(self):
-        """The todo rows as one Arrow table (image_id, uri, etag, size, mtime, attempts)."""
-        import pyarrow as pa
+    def schema(self):
+        """The todo files' Arrow schema (image_id, uri, etag, size, mtime, attempts), from
+        the first file's footer."""
         import pyarrow.parquet as pq
 
         fs, _ = storage.arrow_filesystem(self.paths[0])
-        parts = []
-        for p in self.paths:
-            with fs.open_input_file(storage.strip_scheme(p)) as src:
-                parts.append(pq.read_table(src))
-        return pa.concat_tables(parts)
+        with fs.open_input_file(storage.strip_scheme(self.paths[0])) as src:
+            return pq.read_schema(src)
 
 
 def work_dir(out: str, run_id: str) -> str:
@@ -135,7 +135,7 @@ def diff_task(work: str, k: int, max_attempts: int) -> dict:
            "stale": d.stale_embeddings.num_rows, "clear": d.clear_errors.num_rows}
     for name, table in (("todo", d.todo), ("stale", d.stale_embeddings), ("clear", d.clear_errors)):
         if table.num_rows:
-            tables.write_parquet_file(work, f"{name}/part-b{k:05d}.parquet", table)
+            tables.write_parquet_file(work, f"{name}/part-b{k:05d}.parquet", table, row_group_size=TODO_ROW_GROUP)
     return out
 
 
@@ -156,7 +156,7 @@ def ids_task(work: str, k: int, start: int, ids_uri: str, run_id: str) -> tuple:
     with afs.open_input_file(f"{base}/todo/part-b{k:05d}.parquet") as src:
         todo = pq.read_table(src)
     todo, fresh = buckets.assign_ids(todo, start)
-    tables.write_parquet_file(work, f"todo/part-b{k:05d}.parquet", todo)
+    tables.write_parquet_file(work, f"todo/part-b{k:05d}.parquet", todo, row_group_size=TODO_ROW_GROUP)
     fresh = fresh.append_column("run_id", pa.array([run_id] * fresh.num_rows, pa.string())).cast(tables.image_ids_schema())
     rel = f"part-{run_id}-b{k:05d}.parquet"
     return rel, tables.write_parquet_file(ids_uri, rel, fresh), fresh.num_rows
@@ -199,8 +199,10 @@ def build_todo(*, out: str, root: str, listed, run_id: str, model_version: str, 
     _delete_keys(work, "clear", tables.table_uri(root, tables.ERRORS), [d for d in diffs if d["clear"]])
     if id_files:
         tables.commit_files(ids_uri, id_files, tables.image_ids_schema())
-    paths = [storage.join(work, "todo", f"part-b{d['k']:05d}.parquet") for d in diffs if d["todo_rows"]]
-    return TodoParts(paths, sum(d["todo_rows"] for d in diffs), sum(d["first_tries"] for d in diffs), counts)
+    with_todo = [d for d in diffs if d["todo_rows"]]
+    paths = [storage.join(work, "todo", f"part-b{d['k']:05d}.parquet") for d in with_todo]
+    return TodoParts(paths, [d["todo_rows"] for d in with_todo], sum(d["todo_rows"] for d in diffs),
+                     sum(d["first_tries"] for d in diffs), counts)
 
 
 def _delete_keys(work: str, name: str, uri: str, with_rows: list) -> None:

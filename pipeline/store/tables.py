@@ -150,9 +150,10 @@ def overwrite(uri: str, data, schema) -> int:
     return open_table(uri).version()
 
 
-def write_parquet_file(uri: str, rel: str, table) -> int:
+def write_parquet_file(uri: str, rel: str, table, *, row_group_size: int | None = None) -> int:
     """Write `table` as the Parquet file `rel` inside the table directory `uri`, not yet
-    committed; returns its size in bytes. Safe to repeat (same name, overwritten)."""
+    committed (row groups of `row_group_size` rows; pyarrow's default when None); returns
+    its size in bytes. Safe to repeat (same name, overwritten)."""
     import pyarrow.parquet as pq
 
     fs, root = storage.arrow_filesystem(uri)
@@ -162,7 +163,7 @@ def write_parquet_file(uri: str, rel: str, table) -> int:
     if tmp != path:
         fs.create_dir(folder, recursive=True)
     with fs.open_output_stream(tmp) as f:
-        pq.write_table(table, f, compression="zstd")
+        pq.write_table(table, f, compression="zstd", row_group_size=row_group_size)
     if tmp != path:
         fs.move(tmp, path)
     return fs.get_file_info(path).size

@@ -198,6 +198,7 @@ def run(args) -> int:
     try:
         for n in (int(x) for x in args.objects.split(",")):
             root = os.path.join(work, f"n{n}")
+            shutil.rmtree(os.path.join(root, "out"), ignore_errors=True)  # a first run needs empty tables
             os.makedirs(root, exist_ok=True)
             t0 = time.perf_counter()
             for day in (0, 1):
@@ -213,6 +214,7 @@ def run(args) -> int:
                 raise RuntimeError(f"bench scale --one {n} exited {done.returncode}:\n{done.stderr[-3000:]}")
             line = [l for l in done.stdout.splitlines() if l.startswith("{")][-1]
             results.append(json.loads(line) | {"generate_s": gen_s})
+            print(json.dumps(results[-1]), flush=True)
             print(_table([results[-1]]), flush=True)
     finally:
         if args.workdir is None:

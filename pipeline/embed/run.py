@@ -9,10 +9,13 @@ Every listed object ends as exactly one row of `embeddings` or of `errors`:
 A crash between any two commits leaves a state the next run completes.
 
 Model versions never mix: the first run's encoder becomes the active one (<out>/encoder.json).
-A run with another model_version fills <out>/staging/<version>/ instead (resumable like any
-run); when that run completes, the staged tables replace the active ones in one commit
-each (older table versions stay readable by time travel), and the new index is built.
-Until then the old table and index stay as they were.
+A run with another model_version fills the staging root <out>/embeddings/_staged/<version>/
+instead (resumable like any run). When that run completes, promotion makes its files the
+active embeddings table's in one commit that only names them (no row is read or copied:
+they already sit inside that table's directory, which Delta readers and vacuum do not
+list because of the "_"), copies the staged error rows, and the new index is built. Older
+table versions stay readable by time travel; until promotion the old table and index
+stay as they were.
 """
 from __future__ import annotations
 
@@ -82,8 +85,14 @@ from sparse_embed.pipeline.embed.actor_plan import (CPU_ACTOR_SHARE, DECODE_TASK
                                                     plan_actors, plan_when_ready)
 
 
+STAGED_DIR = "_staged"  # under <out>/embeddings: each model change's staging root
+
+
 def staging_root(out: str, model_version: str) -> str:
-    return storage.join(out, "staging", model_version)
+    """<out>/embeddings/_staged/<model_version>: the run state of a model change (its
+    tables, markers and encoder.json). Inside the active table's directory, so that
+    promotion can add the staged files to it by relative path."""
+    return storage.join(tables.table_uri(out, tables.EMBEDDINGS), STAGED_DIR, model_version)
 
 
 def active_model_version(out: str) -> str | None:
@@ -95,7 +104,7 @@ def active_model_version(out: str) -> str | None:
 
 def choose_data_root(out: str, enc) -> str:
     """Where this run's embeddings/errors go: <out> for the active model (or the first
-    run), <out>/staging/<version> for a different one."""
+    run), staging_root(out, version) for a different one."""
     active = active_model_version(out)
     if active is None:
         report.write_encoder_spec(out, enc)
@@ -109,20 +118,46 @@ def choose_data_root(out: str, enc) -> str:
 
 
 def promote(out: str, root: str, enc) -> dict:
-    """Replace <out>'s tables by the staged ones (one overwrite commit each), make the
-    staged encoder active, then drop the staging prefix. Safe to repeat after a crash."""
+    """Make the staged tables the active ones, then the staged encoder, then drop the
+    staging root's state. embeddings: one overwrite commit whose add actions name the
+    staged files where they are (metadata only); errors (few rows): the staged rows copied
+    in one overwrite. Safe to repeat after a crash: until encoder.json names the new
+    version, the next run stages nothing new and promotes the same files again. Returns the
+    new table versions."""
     import pyarrow as pa
 
-    versions = {}
-    for name, schema in ((tables.EMBEDDINGS, tables.embeddings_schema(enc.dim)), (tables.ERRORS, tables.errors_schema())):
-        staged = tables.open_table(tables.table_uri(root, name))
-        data = staged.to_pyarrow_dataset().to_batches() if staged is not None else []
-        reader = pa.RecordBatchReader.from_batches(schema, (b.cast(schema) for b in data))
-        versions[name] = tables.overwrite(tables.table_uri(out, name), reader, schema)
+    from sparse_embed.pipeline.embed.sink import STATS_COLUMNS
+
+    emb_uri = tables.table_uri(out, tables.EMBEDDINGS)
+    rel = root[len(emb_uri):].strip("/") + "/" + tables.EMBEDDINGS + "/"
+    staged_files = tables.file_actions(tables.table_uri(root, tables.EMBEDDINGS), prefix=rel, columns=STATS_COLUMNS)
+    schema = tables.embeddings_schema(enc.dim)
+    versions = {tables.EMBEDDINGS: tables.commit_files(emb_uri, staged_files, schema, mode="overwrite")}
+    errors = tables.open_table(tables.table_uri(root, tables.ERRORS))
+    err_schema = tables.errors_schema()
+    data = errors.to_pyarrow_dataset().to_batches() if errors is not None else []
+    reader = pa.RecordBatchReader.from_batches(err_schema, (b.cast(err_schema) for b in data))
+    versions[tables.ERRORS] = tables.overwrite(tables.table_uri(out, tables.ERRORS), reader, err_schema)
     report.write_encoder_spec(out, enc)
-    fs = storage.filesystem(root)
-    fs.rm(storage.strip_scheme(root), recursive=True)
+    _drop_staging_state(root)
     return versions
+
+
+def _drop_staging_state(root: str) -> None:
+    """Everything under a promoted staging root but the embeddings data files, which the
+    active table now names: its encoder.json, markers, errors table and the staged
+    embeddings table's log."""
+    fs = storage.filesystem(root)
+    base = storage.strip_scheme(root)
+    keep = storage.strip_scheme(tables.table_uri(root, tables.EMBEDDINGS))
+    for path in fs.ls(base, detail=False):
+        path = path.rstrip("/")
+        if path != keep:
+            fs.rm(path, recursive=True)
+    try:
+        fs.rm(f"{keep}/_delta_log", recursive=True)
+    except FileNotFoundError:
+        pass
 
 
 def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tuple[int, dict, dict, dict]:

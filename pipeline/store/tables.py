@@ -185,6 +185,29 @@ def column_stats(table, columns: tuple[str, ...]) -> dict:
     return stats
 
 
+def file_actions(uri: str, *, prefix: str, columns: tuple[str, ...]) -> list[tuple]:
+    """The files of the table at `uri` (its latest version) as commit_files entries for
+    another table whose directory holds `uri`'s at `prefix` ("_staged/v2/embeddings/"):
+    (prefix + path, bytes, rows, min/max/null counts of `columns` from the add actions).
+    Reads the log only, no data file."""
+    import pyarrow as pa
+
+    dt = open_table(uri)
+    if dt is None:
+        return []
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    names = set(actions.column_names)
+    out = []
+    for row in actions.to_pylist():
+        stats = {"minValues": {}, "maxValues": {}, "nullCount": {}}
+        for c in columns:
+            for key, field in (("minValues", f"min.{c}"), ("maxValues", f"max.{c}"), ("nullCount", f"null_count.{c}")):
+                if field in names and row[field] is not None:
+                    stats[key][c] = row[field]
+        out.append((prefix + row["path"], int(row["size_bytes"]), int(row["num_records"] or 0), stats))
+    return out
+
+
 CHECKPOINT_AFTER_FILES = 1000  # a commit adding at least this many files is followed by a checkpoint
 
 

@@ -17,7 +17,7 @@ from helpers import SPEC
 from helpers.faults import assert_settled
 from sparse_embed.infra.synthetic_images import generate
 from sparse_embed.pipeline.store import storage, tables
-from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
+from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed, staging_root
 from sparse_embed.pipeline.index.snapshot import vectors_of
 from sparse_embed.pipeline.index.searcher import ShardedIndex, current_index_id
 
@@ -156,6 +156,7 @@ def test_model_change_starts_a_new_version_and_keeps_the_old_queryable(day0):
     assert set(old_t.column("model_version").to_pylist()) == {old_model}, "the old version stays readable"
     old_index = ShardedIndex.open(f"{out}/index", index_id=old_id)
     assert old_index.manifest["model_version"] == old_model and old_index.manifest["ntotal"] > 0
-    staged = storage.strip_scheme(f"{out}/staging/{result['model_version']}")
-    left = [p for p in storage.filesystem(out).find(staged) if p.rstrip("/") != staged]  # SeaweedFS may keep the folder entry
-    assert not left, "the staging prefix is emptied after promotion"
+    staged = storage.strip_scheme(staging_root(out, result["model_version"]))
+    left = {p for p in storage.filesystem(out).find(staged) if not p.endswith("/")}  # SeaweedFS may keep folder entries
+    active = {storage.strip_scheme(f) for f in tables.open_table(tables.table_uri(out, tables.EMBEDDINGS)).file_uris()}
+    assert active and left == active, "promotion names the staged files (nothing copied) and leaves nothing else staged"

@@ -264,9 +264,13 @@ def slice_count(n: int, per_slice: int, cpus: int, files: int, requested: int | 
     return max(1, min(want, max(1, files)))
 
 
-def nprobe_candidates(nlist: int) -> list[int]:
-    """Powers of two up to nlist, then nlist itself (exhaustive)."""
+def nprobe_candidates(nlist: int, start: int | None = None) -> list[int]:
+    """Powers of two up to nlist, then nlist itself (exhaustive). With `start` (an index
+    update: its parent's tuned nprobe) they begin at the largest power of two <= start / 2,
+    so an update that barely moved recall needs two or three probes, not log2(nlist)."""
     out, p = [], 1
+    while start is not None and p * 4 <= start:
+        p *= 2
     while p < nlist:
         out.append(p)
         p *= 2

@@ -92,10 +92,11 @@ def search_params_for(nprobe: int, hnsw_quantizer: bool) -> dict:
 
 
 def tune(index, queries, exact_ids, *, nlist: int, hnsw_quantizer: bool, target: float, k: int = 10,
-         self_ids=None, eval_fraction: float = 0.5, exact_scores=None) -> dict:
+         self_ids=None, eval_fraction: float = 0.5, exact_scores=None, start_nprobe: int | None = None) -> dict:
     """Pick the smallest nprobe reaching `target` recall@k on the first part of the
-    queries; report recall and latency on the held-out rest. `index` has
-    `.set_search_params(dict)` and `.search_vectors(q, k)` (a ShardedIndex)."""
+    queries, trying from 1 up, or from about start_nprobe / 2 up (nprobe_candidates);
+    report recall and latency on the held-out rest. `index` has `.set_search_params(dict)`
+    and `.search_vectors(q, k)` (a ShardedIndex)."""
     import numpy as np
 
     n_eval = int(len(queries) * eval_fraction) if len(queries) > 1 else 0
@@ -112,7 +113,7 @@ def tune(index, queries, exact_ids, *, nlist: int, hnsw_quantizer: bool, target:
 
     curve = []
     if nlist:
-        for p in nprobe_candidates(nlist):
+        for p in nprobe_candidates(nlist, start_nprobe):
             r = run(search_params_for(p, hnsw_quantizer), split[0])
             curve.append((p, r))
             if r >= target:

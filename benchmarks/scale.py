@@ -133,6 +133,13 @@ def write_rows(out: str, path: str, run_id: str, dim: int) -> list:
     return written
 
 
+def _peak_rss() -> int:
+    """This process's peak RSS so far, in bytes (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _one_run(out: str, manifest: str, run_id: str, dim: int) -> dict:
     import ray
 
@@ -142,26 +149,30 @@ def _one_run(out: str, manifest: str, run_id: str, dim: int) -> dict:
     from sparse_embed.pipeline.store import tables
 
     emb = tables.table_uri(out, tables.EMBEDDINGS)
-    res = {}
+    res = {"peak_rss_after": {}}  # the peak so far after each stage: the stage that raises it is the one that set it
     t0 = time.perf_counter()
     listed = list_objects(f"s3://{BUCKET}/img/", into=tables.table_uri(out, tables.LISTING), inventory=manifest)
     res["list_s"] = time.perf_counter() - t0
     res["listed"] = listed.num_rows
+    res["peak_rss_after"]["list"] = _peak_rss()
     before = _table_files(emb)
     t0 = time.perf_counter()
     todo = build_todo(out=out, root=out, listed=listed, run_id=run_id, model_version="bench-v1", max_attempts=3)
     res["diff_s"] = time.perf_counter() - t0
     res["counts"] = todo.counts
+    res["peak_rss_after"]["diff"] = _peak_rss()
     mid = _table_files(emb)
     res["delete_read_bytes"], res["delete_written_bytes"] = (sum(before.values()) if mid != before else 0), _io(before, mid)[1]
     t0 = time.perf_counter()
     task = ray.remote(num_cpus=0.5)(write_rows)
     files = [f for part in ray.get([task.remote(out, p, run_id, dim) for p in todo.paths]) for f in part]
     res["write_s"] = time.perf_counter() - t0
+    res["peak_rss_after"]["write"] = _peak_rss()
     t0 = time.perf_counter()
     tables.ensure_table(emb, tables.embeddings_schema(dim))
     sink.commit_files(out, files, dim=dim)
     res["commit_s"] = time.perf_counter() - t0
+    res["peak_rss_after"]["commit"] = _peak_rss()
     after = _table_files(emb)
     res["append_written_bytes"] = _io(mid, after)[1]
     res["table_bytes"] = sum(after.values())
@@ -171,20 +182,19 @@ def _one_run(out: str, manifest: str, run_id: str, dim: int) -> dict:
 
 
 def _measure_one(args) -> int:
-    import resource
-
     import ray
 
     n = int(args.one)
     root = os.path.join(args.workdir, f"n{n}")
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
+    after_init = _peak_rss()
     out = os.path.join(root, "out")
     first = _one_run(out, os.path.join(root, "day0.json"), "first", args.dim)
     nightly = _one_run(out, os.path.join(root, "day1.json"), "nightly", args.dim)
     ray.shutdown()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"n": n, "first": first, "nightly": nightly, "driver_peak_rss": peak}))
+    print(json.dumps({"n": n, "first": first, "nightly": nightly, "driver_peak_rss": _peak_rss(),
+                      "driver_peak_rss_after_ray_init": after_init}))
     return 0
 
 

@@ -151,14 +151,18 @@ def build_slice(slice_no: int, paths: list[str], table_uri: str, index_dir: str,
                 id_parts.append(pa.table(cols).cast(ids_schema()))  # rewritten files may hold large_string
                 del vectors
     shard_file, ids_file = f"shard_{slice_no:05d}.faiss", f"ids_{slice_no:05d}.parquet"
-    storage.write_bytes_atomic(storage.join(index_dir, shard_file), faiss.serialize_index(index).tobytes())
+    ntotal = int(index.ntotal)
+    serialised = faiss.serialize_index(index)
+    del index  # the serialised copy and its bytes: at most two copies of the codes at once
+    storage.write_bytes_atomic(storage.join(index_dir, shard_file), serialised.tobytes())
+    del serialised
     sink = pa.BufferOutputStream()
     ids_t = pa.concat_tables(id_parts) if id_parts else ids_schema().empty_table()
     pq.write_table(ids_t, sink)
     storage.write_bytes_atomic(storage.join(index_dir, ids_file), sink.getvalue().to_pybytes())
     write_id_map(storage.join(index_dir, f"idmap_{slice_no:05d}.arrow"), ids_t["image_id"], ids_t["uri"], ids_t["etag"])
     return {"slice": slice_no, "file": shard_file, "ids_file": ids_file, "idmap_file": f"idmap_{slice_no:05d}.arrow",
-            "ntotal": int(index.ntotal),
+            "ntotal": ntotal,
             "exact_ids": ex_ids, "exact_scores": ex_scores, "seconds": time.perf_counter() - t0,
             "peak_rss": peak_rss_bytes()}
 
@@ -171,8 +175,12 @@ def held_out_slice(slice_no: int, index_dir: str, empty: bytes, ids, vectors) ->
     index = faiss.deserialize_index(np.frombuffer(empty, dtype="uint8"))
     index.add_with_ids(np.ascontiguousarray(vectors, dtype="float32"), np.asarray(ids, dtype="int64"))
     shard_file = f"shard_{slice_no:05d}.faiss"
-    storage.write_bytes_atomic(storage.join(index_dir, shard_file), faiss.serialize_index(index).tobytes())
-    return {"file": shard_file, "ntotal": int(index.ntotal)}
+    ntotal = int(index.ntotal)
+    serialised = faiss.serialize_index(index)
+    del index  # the serialised copy and its bytes: at most two copies of the codes at once
+    storage.write_bytes_atomic(storage.join(index_dir, shard_file), serialised.tobytes())
+    del serialised
+    return {"file": shard_file, "ntotal": ntotal}
 
 
 def tune_task(index_root: str, index_id: str, manifest: dict, queries, exact_ids, self_ids, target: float,

@@ -26,6 +26,7 @@ TRAIN_POINTS_PER_CENTROID = 64  # within the 30..256 of the guidelines; faiss su
 MAX_TRAIN_VECTORS = 1_000_000
 PQ_MS = (64, 48, 32, 24, 16, 12, 8, 4)  # PQ code sizes tried, largest (most accurate) first
 ID_BYTES = 8
+ROW_META_BYTES = 200  # an add task's (image_id, uri, etag) per row for its id map, held as batches and concatenated (2 x ~100 B)
 LAYOUTS = ("auto", "merged", "shards")
 MAX_SLICE_VECTORS = 10_000_000  # vectors one add task holds at most (autofaiss's cap)
 # Estimated recall@10 ceiling of codes by input dims per code byte (SQ8: 1, PQ: D/M), measured
@@ -245,12 +246,13 @@ def check_recall(plan: IndexPlan, target: float, accept_lower_recall: bool) -> s
 
 def slice_plan(n: int, plan: IndexPlan, max_file_rows: int, task_memory: int, *,
                max_vectors: int = MAX_SLICE_VECTORS) -> tuple[int, int]:
-    """(vectors per slice, memory a slice task declares): a slice holds its codes and ids,
-    the quantizer, and one file's rows as float32 while adding them (read and converted:
-    2x); at most `max_vectors` (autofaiss caps an add task at 1e7) and what fits
-    `task_memory` (pure)."""
+    """(vectors per slice, memory a slice task declares): a slice holds its codes and ids
+    twice at the end (the index and its serialised copy), its rows' id-map columns
+    (ROW_META_BYTES), the quantizer, and one batch of rows as float32 while adding them
+    (read and converted: 2x); at most `max_vectors` (autofaiss caps an add task at 1e7)
+    and what fits `task_memory` (pure)."""
     fixed = quantizer_bytes(plan.nlist, plan.dim, plan.hnsw_quantizer) + 2 * max_file_rows * 4 * plan.dim
-    per_vector = plan.code_bytes + ID_BYTES
+    per_vector = 2 * (plan.code_bytes + ID_BYTES) + ROW_META_BYTES
     fit = max(1, (task_memory - fixed) // per_vector) if task_memory > fixed else 1
     per_slice = max(1, min(max_vectors, fit, n))
     return per_slice, fixed + per_slice * per_vector

@@ -166,9 +166,10 @@ def test_slices_are_sized_by_memory_and_capped_at_1e7():
     per, mem = slice_plan(p.n, p, 65536, 64 * 10**9)
     assert per == 10**7  # autofaiss's cap, though memory would allow more
     fixed = 4096 * 128 * 4 + 2 * 65536 * 128 * 4
-    assert mem == fixed + per * (512 + 8)
+    per_vector = 2 * (512 + 8) + 200  # codes and ids twice (index + serialised copy), id-map columns
+    assert mem == fixed + per * per_vector
     per, mem = slice_plan(p.n, p, 65536, 2 * 10**9)
-    assert per == (2 * 10**9 - fixed) // 520 and mem <= 2 * 10**9
+    assert per == (2 * 10**9 - fixed) // per_vector and mem <= 2 * 10**9
     assert slice_count(p.n, per, cpus=2, files=100) == -(-p.n // per)  # memory needs more than one per CPU
     assert slice_count(1000, 10**7, cpus=8, files=3) == 3  # at most one per file
     assert slice_count(1000, 10**7, cpus=2, files=10, requested=5) == 5

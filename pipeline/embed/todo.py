@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from sparse_embed.pipeline.embed import buckets
 from sparse_embed.pipeline.embed.todo_source import TODO_ROW_GROUP
 from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.store.lock import owner_for_tasks
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +196,9 @@ def build_todo(*, out: str, root: str, listed, run_id: str, model_version: str, 
     id_files = ray.get([ray.remote(num_cpus=0.5)(ids_task).remote(work, d["k"], s, ids_uri, run_id)
                         for d, s in zip(diffs, starts) if d["new_uris"]])
 
-    _delete_keys(work, "stale", tables.table_uri(root, tables.EMBEDDINGS), [d for d in diffs if d["stale"]])
-    _delete_keys(work, "clear", tables.table_uri(root, tables.ERRORS), [d for d in diffs if d["clear"]])
+    owner = owner_for_tasks(out)
+    _delete_keys(work, "stale", tables.table_uri(root, tables.EMBEDDINGS), [d for d in diffs if d["stale"]], owner, out)
+    _delete_keys(work, "clear", tables.table_uri(root, tables.ERRORS), [d for d in diffs if d["clear"]], owner, out)
     if id_files:
         tables.commit_files(ids_uri, id_files, tables.image_ids_schema())
     with_todo = [d for d in diffs if d["todo_rows"]]
@@ -205,17 +207,29 @@ def build_todo(*, out: str, root: str, listed, run_id: str, model_version: str, 
                      sum(d["first_tries"] for d in diffs), counts)
 
 
-def _delete_keys(work: str, name: str, uri: str, with_rows: list) -> None:
+def _delete_keys(work: str, name: str, uri: str, with_rows: list, owner: str | None, out: str) -> None:
     """Delete the rows of `uri` whose (uri, etag) is in the buckets' <name> files, in one
-    commit. The keys are read here: O(changed rows) on the driver."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    commit made by a Ray task (delete_keys_task): the merge reads and rewrites table files,
+    which must not grow the driver."""
+    import ray
 
     if not with_rows:
         return
+    ray.get(ray.remote(num_cpus=0.5)(delete_keys_task).remote(work, name, uri, [d["k"] for d in with_rows], out, owner))
+
+
+def delete_keys_task(work: str, name: str, uri: str, ks: list[int], out: str, owner: str | None) -> int:
+    """Task body of _delete_keys: reads the keys of buckets `ks`, checks that the run
+    `owner` still holds `out`'s lock, and runs the merge-delete. Returns the rows deleted."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sparse_embed.pipeline.store.lock import verify_owner
+
     afs, base = storage.arrow_filesystem(work)
     keys = []
-    for d in with_rows:
-        with afs.open_input_file(f"{base}/{name}/part-b{d['k']:05d}.parquet") as src:
+    for k in ks:
+        with afs.open_input_file(f"{base}/{name}/part-b{k:05d}.parquet") as src:
             keys.append(pq.read_table(src))
-    tables.delete_matching(uri, pa.concat_tables(keys), on=("uri", "etag"))
+    verify_owner(out, owner)
+    return tables.delete_matching(uri, pa.concat_tables(keys), on=("uri", "etag"))

@@ -8,14 +8,19 @@ entry's "index_id"). Ids removed from the base shards since the build form the m
 deletion set, applied at search time through an IDSelector on the base shards only.
 
 Index directories are immutable once written (a new build or update gets a new index_id),
-so the local cache is keyed by the index_id that owns each file and never needs
-invalidating; an update's index shares its base shards' cached files with its parent.
+so the local cache (CACHE_DIR/index/<index root's key>/<index_id>/) is keyed by the index_id
+that owns each file and never needs invalidating; an update's index shares its base
+shards' cached files with its parent. A long-lived searcher removes the cached index ids
+its new index no longer uses (`prune_cache`), so nightly indexes do not fill the disk.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from sparse_embed.pipeline.index.tune import merge_topk
 
 
 CACHE_DIR = Path(os.environ.get("SPARSE_EMBED_CACHE", Path.home() / ".cache" / "sparse-embed"))
+CACHE_KEEP_S = 3600.0  # prune_cache leaves an index_id touched this recently (another process may be fetching it)
 
 
 def current_index_id(index_root: str) -> str:
@@ -53,12 +59,42 @@ def shard_uris(index_root: str, manifest: dict) -> list[str]:
     return [file_uri(index_root, manifest, s) for s in manifest["shards"]]
 
 
-def _cached(uri: str, index_id: str) -> str:
+def cache_root(index_root: str) -> Path:
+    """The cache folder of one index root: index ids of different roots never meet."""
+    return CACHE_DIR / "index" / hashlib.sha256(index_root.rstrip("/").encode()).hexdigest()[:16]
+
+
+def referenced_ids(manifest: dict) -> set[str]:
+    """The index_ids whose directories hold a file of `manifest`'s index."""
+    entries = list(manifest.get("shards") or []) + id_map_entries(manifest) + [manifest.get("deleted") or {}]
+    return {manifest["index_id"]} | {e["index_id"] for e in entries if e.get("index_id")}
+
+
+def prune_cache(index_root: str, keep: set[str], *, min_age_s: float | None = None, now: float | None = None) -> list[str]:
+    """Remove the cached files of `index_root`'s index ids outside `keep` that nothing has
+    written for `min_age_s` (CACHE_KEEP_S). Files a process still has memory-mapped stay
+    readable by it until it closes them (an unlinked file lives on while mapped). Returns
+    the removed ids."""
+    base = cache_root(index_root)
+    now = time.time() if now is None else now
+    min_age_s = CACHE_KEEP_S if min_age_s is None else min_age_s
+    removed = []
+    for d in sorted(base.iterdir()) if base.is_dir() else []:
+        if not d.is_dir() or d.name in keep:
+            continue
+        newest = max([f.stat().st_mtime for f in d.iterdir()] + [d.stat().st_mtime])
+        if now - newest >= min_age_s:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+    return removed
+
+
+def _cached(uri: str, index_root: str, index_id: str) -> str:
     """Local path of `uri`: the file itself when local, else a copy in the cache, downloaded
     once by streaming (s3fs reads it in blocks; the whole file is never in memory)."""
     if not storage.is_s3(uri):
         return storage.strip_scheme(uri)
-    local = CACHE_DIR / "index" / index_id / uri.rsplit("/", 1)[-1]
+    local = cache_root(index_root) / index_id / uri.rsplit("/", 1)[-1]
     if not local.exists():
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_suffix(local.suffix + f".tmp-{os.getpid()}-{threading.get_ident()}")
@@ -91,14 +127,15 @@ def _id_map_path(index_root: str, manifest: dict, entry: dict) -> str:
     owner = entry.get("index_id") or manifest["index_id"]
     uri = file_uri(index_root, manifest, entry)
     if entry["file"].endswith(".arrow"):
-        return _cached(uri, owner)
+        return _cached(uri, index_root, owner)
     import pyarrow.parquet as pq
 
     from sparse_embed.pipeline.index.idmap import write_id_map
 
-    local = CACHE_DIR / "index" / owner / (entry["file"].rsplit(".", 1)[0] + ".arrow")
+    local = cache_root(index_root) / owner / (entry["file"].rsplit(".", 1)[0] + ".arrow")
     if not local.exists():
-        t = pq.read_table(_cached(uri, owner))
+        local.parent.mkdir(parents=True, exist_ok=True)
+        t = pq.read_table(_cached(uri, index_root, owner))
         names = t.column_names
         write_id_map(str(local), t.column("image_id"), t.column("uri") if "uri" in names else None,
                      t.column("etag") if "etag" in names else None)
@@ -120,7 +157,7 @@ def read_deleted(index_root: str, manifest: dict):
     entry = manifest.get("deleted")
     if not entry or not entry.get("count"):
         return np.zeros(0, dtype="int64")
-    path = _cached(file_uri(index_root, manifest, entry), entry.get("index_id") or manifest["index_id"])
+    path = _cached(file_uri(index_root, manifest, entry), index_root, entry.get("index_id") or manifest["index_id"])
     return np.load(path)
 
 
@@ -158,7 +195,7 @@ class ShardedIndex:
 
         index_id = index_id or current_index_id(index_root)
         manifest = read_manifest(index_root, index_id)
-        shards = [open_shard(_cached(file_uri(index_root, manifest, s), s.get("index_id") or index_id), mmap=mmap)
+        shards = [open_shard(_cached(file_uri(index_root, manifest, s), index_root, s.get("index_id") or index_id), mmap=mmap)
                   for s in manifest["shards"]]
         entries = id_map_entries(manifest)
         runs = [IdMap(_id_map_path(index_root, manifest, e)) for e in entries]

@@ -265,7 +265,8 @@ def _write_delta(index_root: str, index_id: str, cm: dict, current, removed, add
 
     parent_delta = [e for e in cm["shards"] if e.get("delta")]
     if parent_delta:
-        delta = faiss.read_index(_cached(file_uri(index_root, cm, parent_delta[0]), owned(parent_delta[0])["index_id"]))
+        delta = faiss.read_index(_cached(file_uri(index_root, cm, parent_delta[0]), index_root,
+                                         owned(parent_delta[0])["index_id"]))
         if len(drop_delta):
             delta.remove_ids(faiss.IDSelectorBatch(drop_delta))
         delta_rows = delta_rows.filter(pc.invert(pc.is_in(delta_rows.column("image_id"), value_set=pa.array(drop_delta))))

@@ -3,7 +3,8 @@
 A request takes `LiveIndex.loaded` once and uses that object to the end, so a swap never
 changes the index under a request in flight. CURRENT is read at most once per `check_every_s`
 (one GET of a few bytes); when it names another index, that index is opened in a worker
-thread while requests keep using the old one, and then one attribute assignment swaps them.
+thread while requests keep using the old one, and then one attribute assignment swaps them; the cached files of index ids that neither
+the new nor the old index uses are then removed (searcher.prune_cache).
 A CURRENT that cannot be read, or an index that fails to open, leaves the old one serving
 and is reported by /api/status.
 """
@@ -55,6 +56,17 @@ class LiveIndex:
         log.info("opened index %s (%d vectors) in %.2f s", index_id, index.ntotal, time.perf_counter() - t0)
         return LoadedIndex(index_id, index)
 
+    def _prune(self, old: LoadedIndex) -> None:
+        from sparse_embed.pipeline.index.searcher import prune_cache, referenced_ids
+
+        try:
+            removed = prune_cache(self.index_root, referenced_ids(self.loaded.manifest) | referenced_ids(old.manifest))
+        except OSError as e:  # a full or read-only cache is no reason to stop serving
+            log.warning("could not prune the index cache: %s", e)
+            return
+        if removed:
+            log.info("removed the cached files of %d index ids no longer served: %s", len(removed), ", ".join(removed))
+
     def load(self) -> LoadedIndex:
         """Open the index CURRENT names now (blocking): the server's first load, whose errors
         (no CURRENT, refused credentials) stop `serve` before it listens."""
@@ -92,7 +104,8 @@ class LiveIndex:
             index_id = current_index_id(self.index_root)
             if index_id != self.loaded.index_id:
                 log.info("CURRENT moved from %s to %s: opening it", self.loaded.index_id, index_id)
-                self.loaded = self._open(index_id)  # the swap: requests that took the old one keep it
+                old, self.loaded = self.loaded, self._open(index_id)  # the swap: requests that took the old one keep it
+                self._prune(old)
             self.reload_error = None
         except Exception as e:  # the old index keeps serving; status says why the new one is not
             self.reload_error = redact_text(f"{type(e).__name__}: {e}")[:500]

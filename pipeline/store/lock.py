@@ -288,6 +288,29 @@ def check_before_commit(uri: str) -> None:
         lock.check()
 
 
+def owner_for_tasks(out: str) -> str | None:
+    """The owner of the lock this process holds on `out` after checking it (None when it
+    holds none): a Ray task that commits under `out` passes it to verify_owner."""
+    lock = held_lock_for(out)
+    if lock is not None:
+        lock.check()
+    return None if lock is None else lock.owner
+
+
+def verify_owner(out: str, owner: str | None) -> None:
+    """check_before_commit for a commit made in another process (a Ray task) on behalf of
+    the run `owner` (owner_for_tasks): one GET; LockLost unless `out`'s stored lock is still
+    that run's and its heartbeat is fresh. No check for owner None (no lock held)."""
+    if owner is None:
+        return
+    held = OutputLock(out, owner=owner).read()
+    if held is None or held[0].owner != owner or held[0].expired(time.time()):
+        why = "the lock object is gone" if held is None else (
+            "taken over by another run" if held[0].owner != owner else "its heartbeat is stale")
+        raise LockLost(f"{out}: this run ({owner}) lost the output lock ({why}); it stopped before its next commit: "
+                       f"rerun the command to resume")
+
+
 @contextlib.contextmanager
 def output_lock(out: str, *, owner: str, ttl_s: float = 600.0, wait_s: float = 0.0):
     """Hold the lock on `out` for the block. Re-entrant within a process: a nested writer

@@ -34,7 +34,7 @@ def test_memory_mapped_search_equals_loaded_search(ray_local, bucket, cache):
     assert m["factory"] == "IVF64,SQ8" and m["id_maps"]
 
     mapped, loaded = ShardedIndex.open(root), ShardedIndex.open(root, mmap=False)
-    cached = sorted(p.name for p in (cache / "index" / m["index_id"]).iterdir())
+    cached = sorted(p.name for p in (searcher.cache_root(root) / m["index_id"]).iterdir())
     assert [s["file"] for s in m["shards"]][0] in cached and all(e["file"] in cached for e in m["id_maps"])
     for nprobe in (1, 8, 64):
         mapped.set_search_params({"nprobe": nprobe})
@@ -91,7 +91,7 @@ def test_updates_write_a_delta_and_a_deletion_set_and_equal_a_rebuild(ray_local,
 
 
 @pytest.mark.integration
-def test_a_long_lived_searcher_picks_up_a_new_current(ray_local, bucket, cache):
+def test_a_long_lived_searcher_picks_up_a_new_current(ray_local, bucket, cache, monkeypatch):
     d = 16
     table, root = f"{bucket}/emb/embeddings", f"{bucket}/emb/index"
     write_table(table, unit_vectors(500, d, seed=41), np.arange(500, dtype="int64"), files=2)
@@ -117,3 +117,16 @@ def test_a_long_lived_searcher_picks_up_a_new_current(ray_local, bucket, cache):
     storage.write_bytes_atomic(f"{root}/CURRENT", b"no-such-index")  # a broken pointer: keep serving
     now[0] = 200.0
     assert current() is fresh and "no-such-index" in holder.reload_error
+
+    # Each swap removes the cached index ids that neither the new nor the old index uses.
+    # The update's base shard lives in the first build's folder, so that one stays too.
+    monkeypatch.setattr(searcher, "CACHE_KEEP_S", 0.0)
+    cached = lambda: {d.name for d in searcher.cache_root(root).iterdir()}  # noqa: E731
+    assert cached() == {first["index_id"], second["index_id"]}
+    rebuilds = []
+    for t in (300.0, 400.0):
+        rebuilds.append(build_index(BuildConfig(table, root, shards=1)))
+        now[0] = t
+        assert current().manifest["index_id"] == rebuilds[-1]["index_id"]
+    assert cached() == {r["index_id"] for r in rebuilds}, "the first build and the update are no longer served"
+    assert held.search_vectors(new_row, 1)[0][0][0] != 900, "an index still held keeps reading its mapped files"

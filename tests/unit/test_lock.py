@@ -119,3 +119,18 @@ def test_a_live_holder_elsewhere_is_never_judged_gone(tmp_path):
 
     assert not LockInfo("r", "another-host", 1, 0.0, 0.0, 60.0, 1).holder_is_gone()
     assert not LockInfo("r", socket.gethostname(), 999_999_999, 0.0, 0.0, 60.0, None).holder_is_gone()  # no namespace recorded
+
+
+def test_a_task_committing_for_the_run_checks_the_run_still_holds_the_lock(tmp_path):
+    """verify_owner: what a Ray task (another process, no lock of its own) checks before the
+    merge-delete it runs for the driver."""
+    out = str(tmp_path / "out")
+    assert lock_mod.owner_for_tasks(out) is None
+    lock_mod.verify_owner(out, None)  # no lock held: nothing to check, as check_before_commit
+    with output_lock(out, owner="run-a"):
+        assert lock_mod.owner_for_tasks(out) == "run-a"
+        lock_mod.verify_owner(out, "run-a")
+        with pytest.raises(LockLost, match=r"this run \(run-b\) lost the output lock \(taken over by another run\)"):
+            lock_mod.verify_owner(out, "run-b")
+    with pytest.raises(LockLost, match="the lock object is gone"):
+        lock_mod.verify_owner(out, "run-a")

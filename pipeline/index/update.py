@@ -126,12 +126,12 @@ def update_index(cfg: UpdateConfig) -> dict | None:
     log.info("index update %s -> table v%d: %d removed, %d added", cm["index_id"], snap.version, len(removed), len(added))
     index_id = new_index_id(snap.version)
     index_dir = storage.join(cfg.index_root, index_id)
-    add_t = _added_rows(snap, cm.get("table_version"), added)
+    add_t, added_read = _added_rows(snap, cm.get("table_version"), added)
     manifest = dict(_write_delta(cfg.index_root, index_id, cm, current, removed, add_t), table_version=snap.version)
     if manifest["ntotal"] != snap.n:
         raise RuntimeError(f"Updated index holds {manifest['ntotal']} vectors, table v{snap.version} has {snap.n} rows")
     manifest["update"] = {"parent": cm["index_id"], "parent_table_version": cm["table_version"],
-                          "removed": int(len(removed)), "added": int(len(added))}
+                          "removed": int(len(removed)), "added": int(len(added)), "added_rows": added_read}
     write_manifest(index_dir, manifest)
 
     queries, self_ids, exact_ids, exact_scores, manifest["update"]["truth"] = _updated_truth(cfg, cm, snap, removed, add_t)
@@ -210,14 +210,33 @@ def _files_since(snap: TableSnapshot, version: int | None) -> list[str]:
     return [p for p in snap.paths if p not in old]
 
 
+def _appended_since(snap: TableSnapshot, version: int | None) -> list[str] | None:
+    """The snapshot's live files that append commits added since `version`: where a
+    nightly's new and changed rows are (its merge-delete rewrites other files, with old
+    rows only). None when the log between the versions is not all appends and deletes."""
+    from sparse_embed.pipeline.store import tables
+
+    if version is None or version >= snap.version:
+        return None
+    appended = tables.appended_files(snap.uri, version, snap.version)
+    if appended is None:
+        return None
+    live = set(snap.paths)
+    return [p for p in appended if p in live]
+
+
 def _added_rows(snap: TableSnapshot, parent_version: int | None, added):
-    """The table rows of `added` (image_id, uri, etag, embedding), read one file at a time
-    from the files written since the parent's table version; None when nothing is added."""
+    """(the table rows of `added` (image_id, uri, etag, embedding), where they were read
+    from and how many files were read), one file at a time:
+    first from the files appended since the parent's table version (the nightly's own
+    files: O(changed)), then, if rows are missing, from every file written since, then
+    from every file; None rows when nothing is added. A live file holds live rows only and
+    an image_id has one live row, so finding len(added) rows means all were found."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if not len(added):
-        return None
+        return None, {"read_from": None, "files_read": 0}
     wanted = pa.array(added, pa.int64())
 
     def read(paths):
@@ -229,13 +248,16 @@ def _added_rows(snap: TableSnapshot, parent_version: int | None, added):
                 parts.append(t)
         return pa.concat_tables(parts) if parts else None
 
-    add_t = read(_files_since(snap, parent_version))
-    if add_t is None or add_t.num_rows != len(added):
-        add_t = read(snap.paths)  # rows the file diff missed (a rewritten history): read every file
-    if add_t is None or add_t.num_rows != len(added):
-        raise RuntimeError(f"Expected {len(added)} added rows in table v{snap.version}, found "
-                           f"{0 if add_t is None else add_t.num_rows}")
-    return add_t
+    add_t = None
+    for source, find in (("appended", lambda: _appended_since(snap, parent_version)),
+                         ("written since", lambda: _files_since(snap, parent_version)),
+                         ("all files", lambda: snap.paths)):  # a rewritten history
+        paths = find() or []
+        add_t = read(paths) if paths else None
+        if add_t is not None and add_t.num_rows == len(added):
+            return add_t, {"read_from": source, "files_read": len(paths)}
+    raise RuntimeError(f"Expected {len(added)} added rows in table v{snap.version}, found "
+                       f"{0 if add_t is None else add_t.num_rows}")
 
 
 def _write_delta(index_root: str, index_id: str, cm: dict, current, removed, add_t) -> dict:

@@ -238,6 +238,36 @@ def commit_files(uri: str, files: list[tuple], schema, *, mode: str = "append") 
     return dt.version()
 
 
+REWRITE_ONLY_OPERATIONS = ("MERGE", "DELETE")  # as this project runs them (delete_matching): no row is added
+
+
+def appended_files(uri: str, since: int, until: int) -> list[str] | None:
+    """The data files (paths without scheme) that append commits added after version
+    `since` up to `until`, read from those commits' log entries (O(files added)). MERGE and
+    DELETE commits only remove rows here (delete_matching), so the files they write hold
+    rows the table had before and are left out. None when a commit is of another kind (an
+    overwrite, an optimize) or its log entry is gone: the caller then reads more widely."""
+    import json
+    from urllib.parse import unquote
+
+    root = storage.strip_scheme(uri).rstrip("/")
+    paths = []
+    for v in range(since + 1, until + 1):
+        try:
+            body = storage.read_bytes(storage.join(uri, "_delta_log", f"{v:020d}.json"))
+        except FileNotFoundError:
+            return None
+        actions = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+        info = next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
+        op, mode = info.get("operation"), (info.get("operationParameters") or {}).get("mode")
+        if op in REWRITE_ONLY_OPERATIONS:
+            continue
+        if op != "WRITE" or mode != "Append":
+            return None
+        paths += [f"{root}/{unquote(a['add']['path'])}" for a in actions if "add" in a]
+    return paths
+
+
 def vacuum(uri: str, *, retention_hours: int) -> int:
     """Delete the files of the table at `uri` that no version younger than retention_hours
     needs: files replaced or deleted since, and files a crashed writer never committed.

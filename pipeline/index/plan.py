@@ -247,12 +247,13 @@ def check_recall(plan: IndexPlan, target: float, accept_lower_recall: bool) -> s
 def slice_plan(n: int, plan: IndexPlan, max_file_rows: int, task_memory: int, *,
                max_vectors: int = MAX_SLICE_VECTORS) -> tuple[int, int]:
     """(vectors per slice, memory a slice task declares): a slice holds its codes and ids
-    twice at the end (the index and its serialised copy), its rows' id-map columns
-    (ROW_META_BYTES), the quantizer, and one batch of rows as float32 while adding them
-    (read and converted: 2x); at most `max_vectors` (autofaiss caps an add task at 1e7)
-    and what fits `task_memory` (pure)."""
+    up to three times (inverted lists grow by doubling, then the serialised copy), its
+    rows' id-map columns (ROW_META_BYTES), the quantizer, and one batch of rows as float32
+    while adding them (read and converted: 2x); at most `max_vectors` (autofaiss caps an
+    add task at 1e7) and what fits `task_memory` (pure). Measured (BENCHMARKS.md, issue
+    16): slices of 1e7 x 128 SQ8 peaked at ~595 B a vector, 3 x (128 + 8) + 200 = 608."""
     fixed = quantizer_bytes(plan.nlist, plan.dim, plan.hnsw_quantizer) + 2 * max_file_rows * 4 * plan.dim
-    per_vector = 2 * (plan.code_bytes + ID_BYTES) + ROW_META_BYTES
+    per_vector = 3 * (plan.code_bytes + ID_BYTES) + ROW_META_BYTES
     fit = max(1, (task_memory - fixed) // per_vector) if task_memory > fixed else 1
     per_slice = max(1, min(max_vectors, fit, n))
     return per_slice, fixed + per_slice * per_vector

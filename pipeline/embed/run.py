@@ -129,7 +129,9 @@ def promote(out: str, root: str, enc) -> dict:
     from sparse_embed.pipeline.embed.sink import STATS_COLUMNS
 
     emb_uri = tables.table_uri(out, tables.EMBEDDINGS)
-    rel = root[len(emb_uri):].strip("/") + "/" + tables.EMBEDDINGS + "/"
+    if root != staging_root(out, enc.model_version):
+        raise ValueError(f"Expected the staging root of {enc.model_version} under {out}, got {root!r}")
+    rel = f"{STAGED_DIR}/{enc.model_version}/{tables.EMBEDDINGS}/"  # the staged table's folder, relative to emb_uri
     staged_files = tables.file_actions(tables.table_uri(root, tables.EMBEDDINGS), prefix=rel, columns=STATS_COLUMNS)
     schema = tables.embeddings_schema(enc.dim)
     versions = {tables.EMBEDDINGS: tables.commit_files(emb_uri, staged_files, schema, mode="overwrite")}

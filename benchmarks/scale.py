@@ -164,7 +164,8 @@ def _one_run(out: str, manifest: str, run_id: str, dim: int) -> dict:
     res["peak_rss_after"]["list"] = _peak_rss()
     before = _table_files(emb)
     t0 = time.perf_counter()
-    todo = build_todo(out=out, root=out, listed=listed, run_id=run_id, model_version="bench-v1", max_attempts=3)
+    todo = build_todo(out=out, root=out, listed=listed, run_id=run_id, model_version="bench-v1", max_attempts=3,
+                      dim=dim)
     res["diff_s"] = time.perf_counter() - t0
     res["counts"] = todo.counts
     res["peak_rss_after"]["diff"] = _peak_rss()

@@ -48,10 +48,10 @@ def corrupt_objects(n: int) -> dict[str, bytes]:
 
 
 def near_duplicate_recall(index, images, source: str, out: str, ks=(1, 10)) -> dict[str, float]:
-    from sparse_embed.pipeline.store import tables
+    from sparse_embed.pipeline.store import live, tables
     from sparse_embed.pipeline.index.snapshot import vectors_of
 
-    t = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS), ["uri", "embedding"])
+    t = live.read_live(tables.table_uri(out, tables.EMBEDDINGS), ["uri", "embedding"])
     row = {u: i for i, u in enumerate(t.column("uri").to_pylist())}
     vectors = vectors_of(t.column("embedding"))
     prefix = source.rstrip("/") + "/"

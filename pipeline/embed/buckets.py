@@ -77,25 +77,27 @@ def bucket_of(uris, n: int):
 @dataclass
 class BucketDiff:
     todo: object  # listing rows to embed + attempts + image_id (null for URIs without one yet)
-    stale_embeddings: object  # (uri, etag)
+    stale_embeddings: object  # (uri, etag) and the embedded rows' other columns (image_id, run_id where given)
     clear_errors: object  # (uri, etag)
     new_uris: int  # todo rows without an image_id
     counts: dict
 
 
 def diff_bucket(listed, embedded, errors, ids, *, max_attempts: int) -> BucketDiff:
-    """listed: (uri, etag, size, mtime); embedded: (uri, etag); errors: (uri, etag, attempts);
-    ids: (uri, image_id); any but `listed` may be None. The rules of diff.diff."""
+    """listed: (uri, etag, size, mtime); embedded: (uri, etag, and any other columns, which
+    the stale rows keep); errors: (uri, etag, attempts); ids: (uri, image_id); any but
+    `listed` may be None. The rules of diff.diff."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     keys = pa.schema([("uri", pa.string()), ("etag", pa.string())])
-    embedded = embedded.select(["uri", "etag"]) if embedded is not None else keys.empty_table()
+    embedded_rows = embedded if embedded is not None else keys.empty_table()
+    embedded = embedded_rows.select(["uri", "etag"])
     errors = errors.select(["uri", "etag", "attempts"]) if errors is not None else pa.table(
         {"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string()), "attempts": pa.array([], pa.int32())})
     cur = listed.select(["uri", "etag"])
     done = cur.join(embedded, ["uri", "etag"], join_type="inner")
-    stale = embedded.join(cur, ["uri", "etag"], join_type="left anti")
+    stale = embedded_rows.join(cur, ["uri", "etag"], join_type="left anti")
     at_etag = errors.join(cur, ["uri", "etag"], join_type="inner")  # failures at the current etag
     at_etag = at_etag.set_column(2, "attempts", pc.fill_null(at_etag.column("attempts"), 0).cast(pa.int32()))
     over = at_etag.filter(pc.greater_equal(at_etag.column("attempts"), max_attempts)).select(["uri", "etag"])
@@ -124,7 +126,7 @@ def diff_bucket(listed, embedded, errors, ids, *, max_attempts: int) -> BucketDi
         "retried": fresh.join(failed_uris, "uri", join_type="left semi").num_rows,
         "gave_up": gave_up.num_rows,
     }
-    return BucketDiff(todo, stale.cast(keys), clear.cast(keys), int(pc.sum(pc.is_null(todo.column("image_id"))).as_py() or 0),
+    return BucketDiff(todo, stale, clear.cast(keys), int(pc.sum(pc.is_null(todo.column("image_id"))).as_py() or 0),
                       counts)
 
 

@@ -1,9 +1,9 @@
 """The embed job: recover -> list -> diff -> fetch+decode -> embed -> write -> (promote) -> index.
 
-Every listed object ends as exactly one row of `embeddings` or of `errors`:
+Every listed object ends as exactly one live row of `embeddings` or one row of `errors`:
 1. files an earlier, killed run wrote but never committed are committed (recover);
-2. rows whose (uri, etag) no longer matches the listing are deleted, and error rows of
-   objects about to be retried (one commit per table);
+2. rows whose (uri, etag) no longer matches the listing are masked by tombstones (one
+   append; store/live.py), and error rows of objects about to be retried are deleted;
 3. objects not yet embedded at their current etag are processed; the sink commits them
    (one commit per table).
 A crash between any two commits leaves a state the next run completes.
@@ -241,12 +241,13 @@ def _table_versions(root: str) -> dict:
 
 def _diff_and_clear(cfg: EmbedConfig, root: str, enc, listed):
     """The diff of `listed` against root's tables, in Ray tasks over hash(uri) buckets
-    (todo.py); deletes the stale embedding rows and the error rows about to be retried (one
-    commit per table) and commits the new image_ids. Returns the todo.TodoParts."""
+    (todo.py); masks the stale embedding rows with tombstones (one append; compacts when
+    due), deletes the error rows about to be retried and commits the new image_ids.
+    Returns the todo.TodoParts."""
     from sparse_embed.pipeline.embed.todo import build_todo
 
     return build_todo(out=cfg.out, root=root, listed=listed, run_id=cfg.run_id, model_version=enc.model_version,
-                      max_attempts=cfg.max_attempts)
+                      max_attempts=cfg.max_attempts, dim=enc.dim)
 
 
 def _update_index(cfg: EmbedConfig, timer: StageTimer) -> str | None:

@@ -30,7 +30,7 @@ from ray.data import Datasink
 
 from sparse_embed.pipeline.embed import failures as failure_kinds
 from sparse_embed.pipeline.embed.failures import attempts_after
-from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.store import live, storage, tables
 from sparse_embed.pipeline.store.retry import with_retries
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ def recover_pending(root: str, *, dim: int, model_version: str) -> int:
         mine = [(f, rows) for f, rows in keep if f.table == name]
         if not mine:
             continue
-        have = tables.read_columns(tables.table_uri(root, name), ["uri", "etag"])
+        have = live.read_live(tables.table_uri(root, name), ["uri", "etag"])  # a masked row is not held
         held = set(zip(have.column("uri").to_pylist(), have.column("etag").to_pylist())) if have is not None else set()
         ready = []
         for f, rows in mine:

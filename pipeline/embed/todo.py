@@ -4,14 +4,20 @@ hash(uri) buckets (buckets.py). The driver holds file paths, versions and counts
 1. partition: tasks read the listing, embeddings, errors and image_ids files (a table
    version's data files) in groups and write each row's (needed columns) into
    <work>/<table>/b=<bucket>/ (one file per group and bucket);
-2. diff: one task per bucket joins its four parts (buckets.diff_bucket) and writes the
-   bucket's todo rows, stale embedding keys and error keys to clear; it returns counts,
-   the number of URIs without an id and the largest id it saw;
+2. diff: one task per bucket drops the embedded rows its tombstones mask (live.py), joins
+   its parts (buckets.diff_bucket) and writes the bucket's todo rows, a tombstone file
+   (uncommitted, in the embeddings table's directory) for its stale embedding rows, and
+   the error keys to clear; it returns counts, the number of URIs without an id and the
+   largest id it saw;
 3. ids: the driver turns the per-bucket counts into a prefix sum after the largest id ever
    given; one task per bucket with new URIs fills in its block of ids and writes them as
    an uncommitted file of <out>/image_ids, committed by the driver in one append before
    any embedding is written (a crash after it leaves ids the next run reuses);
-4. the embed stage reads the todo files in Ray Data read tasks (todo_source.py), in
+4. commits: the tombstones in one append to the embeddings table (no data file is read or
+   rewritten: O(changed)), then a compaction when tombstones reach
+   live.COMPACT_FRACTION of the rows (a merge-delete in a Ray task), the error keys'
+   merge-delete, and the new ids;
+5. the embed stage reads the todo files in Ray Data read tasks (todo_source.py), in
    blocks of about one decode batch.
 <work> is <out>/_work/<run_id>/. A run removes all of <out>/_work before its diff and after
 its embed stage: it holds the output lock, so any other work directory is a dead run's.
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 
 from sparse_embed.pipeline.embed import buckets
 from sparse_embed.pipeline.embed.todo_source import TODO_ROW_GROUP
-from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.store import live, storage, tables
 from sparse_embed.pipeline.store.lock import owner_for_tasks
 
 log = logging.getLogger(__name__)
@@ -31,7 +37,8 @@ log = logging.getLogger(__name__)
 FILES_PER_PARTITION_TASK = 8  # input files one partition task reads (Delta files of <= ~8k-1M rows each)
 INPUTS = {  # work-directory name -> (table, columns)
     "listed": (tables.LISTING, ["uri", "etag", "size", "mtime"]),
-    "embedded": (tables.EMBEDDINGS, ["uri", "etag", "model_version"]),
+    "embedded": (tables.EMBEDDINGS, ["uri", "etag", "model_version", "image_id", "run_id"]),  # data files
+    "masked": (tables.EMBEDDINGS, ["uri", "image_id", "run_id"]),  # tombstone files
     "errors": (tables.ERRORS, ["uri", "etag", "attempts"]),
     "ids": (tables.IMAGE_IDS, ["uri", "image_id"]),
 }
@@ -44,6 +51,8 @@ class TodoParts:
     num_rows: int
     first_tries: int  # todo rows never tried before at their etag
     counts: dict = field(default_factory=dict)  # the diff's counts, summed over buckets
+    tombstones: int = 0  # embedding rows masked by this diff
+    compacted: int = 0  # rows (masked rows and tombstones) a compaction deleted; 0 when none ran
 
     def schema(self):
         """The todo files' Arrow schema (image_id, uri, etag, size, mtime, attempts), from
@@ -120,23 +129,34 @@ def _read_bucket(work: str, name: str, k: int):
     return pa.concat_tables(parts, promote_options="permissive") if parts else None
 
 
-def diff_task(work: str, k: int, max_attempts: int) -> dict:
-    """Diff task of bucket k: writes todo (image_id null for URIs without one), stale and
-    clear files under <work>; returns counts and sizes."""
+def diff_task(work: str, k: int, max_attempts: int, emb_uri: str, emb_schema, run_id: str) -> dict:
+    """Diff task of bucket k: writes todo (image_id null for URIs without one) and clear
+    files under <work>, and the tombstones of its stale embedding rows as an uncommitted
+    file of `emb_uri` (returned as "tombstone_file": (path, bytes, rows, stats), or None);
+    returns counts and sizes. Safe to repeat (same names)."""
     import pyarrow.compute as pc
 
+    from sparse_embed.pipeline.embed.sink import STATS_COLUMNS
+
     listed = _read_bucket(work, "listed", k)
-    embedded, errors, ids = (_read_bucket(work, name, k) for name in ("embedded", "errors", "ids"))
+    embedded, masked, errors, ids = (_read_bucket(work, name, k) for name in ("embedded", "masked", "errors", "ids"))
     if listed is None:
         listed = _empty_listing()
+    if embedded is not None:
+        embedded = live.live_rows(embedded, masked)
     d = buckets.diff_bucket(listed, embedded, errors, ids, max_attempts=max_attempts)
     out = {"k": k, "counts": d.counts, "new_uris": d.new_uris, "todo_rows": d.todo.num_rows,
            "first_tries": int(pc.sum(pc.equal(d.todo.column("attempts"), 0)).as_py() or 0) if d.todo.num_rows else 0,
            "max_id": int(pc.max(ids.column("image_id")).as_py()) if ids is not None and ids.num_rows else -1,
-           "stale": d.stale_embeddings.num_rows, "clear": d.clear_errors.num_rows}
-    for name, table in (("todo", d.todo), ("stale", d.stale_embeddings), ("clear", d.clear_errors)):
+           "stale": d.stale_embeddings.num_rows, "clear": d.clear_errors.num_rows, "tombstone_file": None}
+    for name, table in (("todo", d.todo), ("clear", d.clear_errors)):
         if table.num_rows:
             tables.write_parquet_file(work, f"{name}/part-b{k:05d}.parquet", table, row_group_size=TODO_ROW_GROUP)
+    if d.stale_embeddings.num_rows:
+        tombs = live.tombstone_rows(d.stale_embeddings, emb_schema)
+        rel = live.tombstone_file_name(run_id, k)
+        out["tombstone_file"] = (rel, tables.write_parquet_file(emb_uri, rel, tombs), tombs.num_rows,
+                                 tables.column_stats(tombs, STATS_COLUMNS))
     return out
 
 
@@ -163,18 +183,21 @@ def ids_task(work: str, k: int, start: int, ids_uri: str, run_id: str) -> tuple:
     return rel, tables.write_parquet_file(ids_uri, rel, fresh), fresh.num_rows
 
 
-def build_todo(*, out: str, root: str, listed, run_id: str, model_version: str, max_attempts: int) -> TodoParts:
-    """Steps 1-3 (module docstring) for `listed` (a listing.Listed) against root's tables and
-    <out>/image_ids; deletes the stale embedding rows and the error rows about to be
-    retried (one commit per table) and commits the new ids (one append)."""
+def build_todo(*, out: str, root: str, listed, run_id: str, model_version: str, max_attempts: int, dim: int) -> TodoParts:
+    """Steps 1-4 (module docstring) for `listed` (a listing.Listed) against root's tables and
+    <out>/image_ids: masks the stale embedding rows (one append of tombstones; `dim` is the
+    table's), compacts when due, deletes the error rows about to be retried, and commits
+    the new ids (one append)."""
     import ray
 
     remove_work(out)
     work = work_dir(out, run_id)
-    sources = {"listed": (listed.table_uri, listed.version), "embedded": (tables.table_uri(root, tables.EMBEDDINGS), None),
-               "errors": (tables.table_uri(root, tables.ERRORS), None), "ids": (tables.table_uri(out, tables.IMAGE_IDS), None)}
-    files = {name: _table_files(uri, version) for name, (uri, version) in sources.items()}
-    emb_rows = tables.count_rows(sources["embedded"][0])
+    emb_uri = tables.table_uri(root, tables.EMBEDDINGS)
+    emb_files, tomb_files = live.split_files(_table_files(emb_uri))
+    files = {"listed": _table_files(listed.table_uri, listed.version), "embedded": emb_files, "masked": tomb_files,
+             "errors": _table_files(tables.table_uri(root, tables.ERRORS)),
+             "ids": _table_files(tables.table_uri(out, tables.IMAGE_IDS))}
+    emb_rows = tables.count_rows(emb_uri)
     n = buckets.n_buckets(max(listed.num_rows, emb_rows))
     part = ray.remote(num_cpus=0.5)(partition_files)
     jobs = []
@@ -186,8 +209,10 @@ def build_todo(*, out: str, root: str, listed, run_id: str, model_version: str, 
     for name, ref in jobs:
         versions.update(v for v in ray.get(ref)["model_versions"] if v is not None)
     if versions and versions != {model_version}:
-        raise RuntimeError(f"{sources['embedded'][0]} mixes model versions: refusing to add to it")
-    diffs = ray.get([ray.remote(num_cpus=0.5)(diff_task).remote(work, k, max_attempts) for k in range(n)])
+        raise RuntimeError(f"{emb_uri} mixes model versions: refusing to add to it")
+    emb_schema = tables.embeddings_schema(dim)
+    diffs = ray.get([ray.remote(num_cpus=0.5)(diff_task).remote(work, k, max_attempts, emb_uri, emb_schema, run_id)
+                     for k in range(n)])
     counts = {key: sum(d["counts"][key] for d in diffs) for key in diffs[0]["counts"]}
 
     ids_uri = tables.table_uri(out, tables.IMAGE_IDS)
@@ -197,14 +222,39 @@ def build_todo(*, out: str, root: str, listed, run_id: str, model_version: str, 
                         for d, s in zip(diffs, starts) if d["new_uris"]])
 
     owner = owner_for_tasks(out)
-    _delete_keys(work, "stale", tables.table_uri(root, tables.EMBEDDINGS), [d for d in diffs if d["stale"]], owner, out)
+    tomb_commit = [d["tombstone_file"] for d in diffs if d["tombstone_file"]]
+    if tomb_commit:
+        tables.commit_files(emb_uri, tomb_commit, emb_schema)
+    compacted = _compact_if_due(emb_uri, owner, out)
     _delete_keys(work, "clear", tables.table_uri(root, tables.ERRORS), [d for d in diffs if d["clear"]], owner, out)
     if id_files:
         tables.commit_files(ids_uri, id_files, tables.image_ids_schema())
     with_todo = [d for d in diffs if d["todo_rows"]]
     paths = [storage.join(work, "todo", f"part-b{d['k']:05d}.parquet") for d in with_todo]
     return TodoParts(paths, [d["todo_rows"] for d in with_todo], sum(d["todo_rows"] for d in diffs),
-                     sum(d["first_tries"] for d in diffs), counts)
+                     sum(d["first_tries"] for d in diffs), counts, tombstones=sum(f[2] for f in tomb_commit),
+                     compacted=compacted)
+
+
+def _compact_if_due(emb_uri: str, owner: str | None, out: str) -> int:
+    """Compact the embeddings table in a Ray task when its tombstones reach
+    live.COMPACT_FRACTION of its data rows (counts from the log). Returns the rows deleted."""
+    import ray
+
+    data_rows, tomb_rows = live.row_counts(emb_uri)
+    if not live.needs_compaction(data_rows, tomb_rows):
+        return 0
+    log.info("compacting %s: %d tombstones over %d data rows", emb_uri, tomb_rows, data_rows)
+    return ray.get(ray.remote(num_cpus=0.5)(compact_task).remote(emb_uri, out, owner))
+
+
+def compact_task(uri: str, out: str, owner: str | None) -> int:
+    """Task body of _compact_if_due: checks that the run `owner` still holds `out`'s lock,
+    then compacts (live.compact). Returns the rows deleted."""
+    from sparse_embed.pipeline.store.lock import verify_owner
+
+    verify_owner(out, owner)
+    return live.compact(uri)
 
 
 def _delete_keys(work: str, name: str, uri: str, with_rows: list, owner: str | None, out: str) -> None:

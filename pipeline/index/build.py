@@ -60,7 +60,7 @@ from sparse_embed.pipeline.index.publish import new_index_id, publish, publish_e
 from sparse_embed.pipeline.index.snapshot import TableSnapshot, ids_schema, model_version_of, vectors_of
 from sparse_embed.pipeline.index.train import train_empty_index, use_two_level
 from sparse_embed.pipeline.index.tune import RECALL_K, RECALL_QUERIES, TIE_MARGIN, drop_self, exact_topk, merge_topk
-from sparse_embed.pipeline.store import storage
+from sparse_embed.pipeline.store import live, storage
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +113,12 @@ def machine_memory() -> int:
 
 
 def build_slice(slice_no: int, paths: list[str], table_uri: str, index_dir: str, empty: bytes, queries, k: int,
-                skip_ids=None) -> dict:
+                skip_ids=None, tomb_paths=()) -> dict:
     """Ray task body: add one slice (its Parquet files, ADD_BATCH_ROWS rows at a time) to a
     copy of the trained empty index, leaving out `skip_ids` (held-out rows), write it and
     the ids of all its rows, and return the brute-force top-k of `queries` over the rows it
-    added (for the driver's recall check)."""
+    added (for the driver's recall check). Rows the tombstones of `tomb_paths` mask are
+    not added."""
     import faiss
     import numpy as np
     import pyarrow as pa
@@ -132,11 +133,12 @@ def build_slice(slice_no: int, paths: list[str], table_uri: str, index_dir: str,
     ex_ids = np.full((len(queries), 0), -1, dtype="int64")
     ex_scores = np.zeros((len(queries), 0), dtype="float32")
     fs, _ = storage.arrow_filesystem(table_uri)
+    mask = live.load_mask(tomb_paths, table_uri)
     for p in paths:
         with fs.open_input_file(p) as f:
             pf = pq.ParquetFile(f)
             present = [c for c in ("image_id", "uri", "etag", "embedding") if c in pf.schema_arrow.names]
-            for batch in pf.iter_batches(batch_size=ADD_BATCH_ROWS, columns=present):
+            for batch in live.live_batches(pf, present, mask, batch_size=ADD_BATCH_ROWS):
                 ids = batch.column("image_id").to_numpy(zero_copy_only=False).astype("int64")
                 vectors = vectors_of(batch.column("embedding"))
                 if skip_ids is not None and len(skip_ids):
@@ -470,7 +472,7 @@ def _fill_slices(cfg: BuildConfig, snap: TableSnapshot, plan: IndexPlan, cluster
 
         empty, queries = ray.put(empty), ray.put(queries)
     refs = [cluster.submit(build_slice, i, [snap.paths[j] for j in g], cfg.table, index_dir, empty, queries, q.k_exact,
-                           q.held_ids, memory=memory) for i, g in enumerate(groups)]
+                           q.held_ids, snap.tomb_paths, memory=memory) for i, g in enumerate(groups)]
     results = cluster.wait(refs)
     sizing = {"slice_vectors": per_slice, "slice_memory": memory}
     return sizing, sorted(results, key=lambda r: r["slice"])

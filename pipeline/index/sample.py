@@ -85,21 +85,22 @@ class Reservoir:
         return self.ids[:n].copy(), self.vectors[:n].copy()
 
 
-def reservoir_file(path: str, table_uri: str, quota: int, seed: int, exclude=None):
-    """One file's share of the sample: `quota` rows by a reservoir over its record batches;
-    rows whose image_id is in `exclude` are skipped. Returns (ids, vectors (quota, D))."""
+def reservoir_file(path: str, table_uri: str, quota: int, seed: int, exclude=None, mask=None):
+    """One file's share of the sample: `quota` rows by a reservoir over its live rows'
+    record batches (`mask`: live.load_mask, or None); rows whose image_id is in `exclude`
+    are skipped. Returns (ids, vectors (quota, D)); fewer rows when the file has fewer."""
     import numpy as np
     import pyarrow.parquet as pq
 
     from sparse_embed.pipeline.index.vectors import vectors_of
-    from sparse_embed.pipeline.store import storage
+    from sparse_embed.pipeline.store import live, storage
 
     res = Reservoir(quota, np.random.default_rng([seed, 0x5E5E]))
     if quota <= 0:
         return res.result()
     fs, _ = storage.arrow_filesystem(table_uri)
     with fs.open_input_file(path) as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=SAMPLE_BATCH_ROWS, columns=["image_id", "embedding"]):
+        for batch in live.live_batches(pq.ParquetFile(f), ["image_id", "embedding"], mask, batch_size=SAMPLE_BATCH_ROWS):
             ids = batch.column("image_id").to_numpy(zero_copy_only=False).astype("int64")
             vectors = vectors_of(batch.column("embedding"))
             if exclude is not None and len(exclude):
@@ -109,12 +110,16 @@ def reservoir_file(path: str, table_uri: str, quota: int, seed: int, exclude=Non
     return res.result()
 
 
-def sample_files(jobs: list[tuple[str, int, int]], table_uri: str, exclude=None):
+def sample_files(jobs: list[tuple[str, int, int]], table_uri: str, exclude=None, tomb_paths=()):
     """Ray task body (and the local path): (ids, vectors) of the files' reservoirs, in order;
-    `jobs` holds (path, quota, seed) per file."""
+    `jobs` holds (path, quota, seed) per file; rows the tombstones of `tomb_paths` mask are
+    not drawn."""
     import numpy as np
 
-    parts = [reservoir_file(p, table_uri, q, s, exclude) for p, q, s in jobs]
+    from sparse_embed.pipeline.store import live
+
+    mask = live.load_mask(tomb_paths, table_uri)
+    parts = [reservoir_file(p, table_uri, q, s, exclude, mask) for p, q, s in jobs]
     parts = [(i, v) for i, v in parts if len(i)]
     if not parts:
         return np.zeros(0, dtype="int64"), np.zeros((0, 0), dtype="float32")
@@ -133,7 +138,7 @@ def sample_local(snap, count: int, seed: int, *, exclude=None):
     """The sample drawn in this process: (ids, vectors)."""
     import numpy as np
 
-    parts = [sample_files(g, snap.uri, exclude) for g in sample_jobs(snap, count, seed)]
+    parts = [sample_files(g, snap.uri, exclude, snap.tomb_paths) for g in sample_jobs(snap, count, seed)]
     parts = [(i, v) for i, v in parts if len(i)]
     if not parts:
         return np.zeros(0, dtype="int64"), np.zeros((0, 0), dtype="float32")
@@ -147,4 +152,4 @@ def sample_in_tasks(snap, count: int, seed: int, *, exclude=None) -> list:
 
     task = ray.remote(num_cpus=1)(sample_files)
     exclude_ref = ray.put(exclude) if exclude is not None else None
-    return [task.remote(g, snap.uri, exclude_ref) for g in sample_jobs(snap, count, seed)]
+    return [task.remote(g, snap.uri, exclude_ref, snap.tomb_paths) for g in sample_jobs(snap, count, seed)]

@@ -295,7 +295,7 @@ def vectors_for_ids(table_uri: str, version: int | None, image_ids: list[int]):
     import numpy as np
     import pyarrow.compute as pc
 
-    from sparse_embed.pipeline.store import tables
+    from sparse_embed.pipeline.store import live, tables
     from sparse_embed.pipeline.index.snapshot import vectors_of
 
     dt = tables.open_table(table_uri, version)
@@ -303,8 +303,8 @@ def vectors_for_ids(table_uri: str, version: int | None, image_ids: list[int]):
         raise FileNotFoundError(f"No embeddings table at {table_uri!r} (version {version})")
     wanted = [int(i) for i in image_ids]
     has_uri = "uri" in [f.name for f in dt.schema().fields]
-    t = dt.to_pyarrow_dataset().to_table(columns=["image_id", "embedding"] + (["uri"] if has_uri else []),
-                                         filter=pc.field("image_id").isin(wanted))
+    t = live.read_live(table_uri, ["image_id", "embedding"] + (["uri"] if has_uri else []), version=dt.version(),
+                       filter=pc.field("image_id").isin(wanted))  # the live row of each id, not a masked one
     have = t.column("image_id").to_pylist()
     missing = sorted(set(wanted) - set(have))
     if missing:

@@ -8,7 +8,7 @@ as nulls when not: search then prints ids, and updates compare ids only.
 from __future__ import annotations
 
 from sparse_embed.pipeline.index.vectors import vectors_of  # noqa: F401  (re-exported)
-from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.store import live, storage, tables
 
 
 REQUIRED_COLUMNS = ("image_id", "embedding")
@@ -21,8 +21,9 @@ def ids_schema():
     return pa.schema([("image_id", pa.int64()), ("uri", pa.string()), ("etag", pa.string())])
 
 
-def read_file(path: str, table_uri: str, columns=("image_id", "uri", "etag", "embedding")):
-    """`columns` of one data file; an optional column the file lacks comes back as nulls."""
+def read_file(path: str, table_uri: str, columns=("image_id", "uri", "etag", "embedding"), mask=None):
+    """`columns` of one data file's live rows (`mask`: live.load_mask of the version's
+    tombstones, or None); an optional column the file lacks comes back as nulls."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -30,7 +31,11 @@ def read_file(path: str, table_uri: str, columns=("image_id", "uri", "etag", "em
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
         present = set(pf.schema_arrow.names)
-        t = pf.read(columns=[c for c in columns if c in present])
+        wanted = [c for c in columns if c in present]
+        if mask is not None:
+            t = live.live_rows(pf.read(columns=wanted + [c for c in live.MASK_KEY if c not in wanted]), mask).select(wanted)
+        else:
+            t = pf.read(columns=wanted)
     for c in columns:
         if c not in present and c in OPTIONAL_COLUMNS:
             t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
@@ -38,7 +43,9 @@ def read_file(path: str, table_uri: str, columns=("image_id", "uri", "etag", "em
 
 
 class TableSnapshot:
-    """One version of the embeddings table: its data files, row counts and dimension."""
+    """One version of the embeddings table: its data files (`paths`, with their stored
+    `rows`), its tombstone files (`tomb_paths`), the live row count `n` and dimension.
+    Readers of `paths` drop the rows `mask()` names (store/live.py)."""
 
     def __init__(self, table_uri: str, version: int | None = None):
         dt = tables.open_table(table_uri, version)
@@ -56,16 +63,21 @@ class TableSnapshot:
             for p, size, rows in zip(adds.column("path").to_pylist(), adds.column("size_bytes").to_pylist(),
                                      adds.column("num_records").to_pylist()):
                 by_name[p.rsplit("/", 1)[-1]] = (int(size or 0), int(rows or 0))
-        self.paths = [storage.strip_scheme(f) for f in dt.file_uris()]
+        self.paths, self.tomb_paths = live.split_files([storage.strip_scheme(f) for f in dt.file_uris()])
         self.sizes = [by_name.get(p.rsplit("/", 1)[-1], (0, 0))[0] for p in self.paths]
         self.rows = [by_name.get(p.rsplit("/", 1)[-1], (0, 0))[1] for p in self.paths]
-        self.n = sum(self.rows)
+        self.masked = sum(by_name.get(p.rsplit("/", 1)[-1], (0, 0))[1] for p in self.tomb_paths)  # each masks one row
+        self.n = sum(self.rows) - self.masked
+
+    def mask(self):
+        """The version's tombstone keys (live.load_mask), or None when it has none."""
+        return live.load_mask(self.tomb_paths, self.uri) if self.tomb_paths else None
 
     def read_columns(self, columns):
-        """`columns` of the whole version (optional ones as nulls when the table lacks them)."""
+        """`columns` of the version's live rows (optional ones as nulls when the table lacks them)."""
         import pyarrow as pa
 
-        t = self.dt.to_pyarrow_table(columns=[c for c in columns if c in self.columns])
+        t = live.read_live(self.uri, [c for c in columns if c in self.columns], version=self.version)
         for c in columns:
             if c not in self.columns:
                 t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))

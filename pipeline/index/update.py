@@ -58,14 +58,18 @@ def diff_ids(index_ids, index_etags, table_ids, table_etags):
     return np.sort(removed).astype("int64"), np.sort(added).astype("int64")
 
 
-def exact_slice(paths: list[str], table_uri: str, queries, k: int):
-    """Ray task body: brute-force top-k of `queries` over the given table files."""
+def exact_slice(paths: list[str], table_uri: str, queries, k: int, tomb_paths=()):
+    """Ray task body: brute-force top-k of `queries` over the live rows of the given table
+    files (rows the tombstones of `tomb_paths` mask are left out)."""
     import numpy as np
 
+    from sparse_embed.pipeline.store import live
+
+    mask = live.load_mask(tomb_paths, table_uri)
     ids_out = np.full((len(queries), 0), -1, dtype="int64")
     sc_out = np.zeros((len(queries), 0), dtype="float32")
     for p in paths:
-        t = read_file(p, table_uri, ["image_id", "embedding"])
+        t = read_file(p, table_uri, ["image_id", "embedding"], mask)
         if t.num_rows:
             i, s = exact_topk(queries, vectors_of(t.column("embedding")), t.column("image_id").to_numpy().astype("int64"), k)
             ids_out, sc_out = merge_topk([ids_out, i], [sc_out, s], k)
@@ -211,9 +215,10 @@ def _files_since(snap: TableSnapshot, version: int | None) -> list[str]:
 
 
 def _appended_since(snap: TableSnapshot, version: int | None) -> list[str] | None:
-    """The snapshot's live files that append commits added since `version`: where a
-    nightly's new and changed rows are (its merge-delete rewrites other files, with old
-    rows only). None when the log between the versions is not all appends and deletes."""
+    """The snapshot's data files that append commits added since `version`: where a
+    nightly's new and changed rows are (its tombstone files are appends too, and are left
+    out; a compaction's merge-delete rewrites files with old rows only). None when the log
+    between the versions is not all appends and deletes."""
     from sparse_embed.pipeline.store import tables
 
     if version is None or version >= snap.version:
@@ -221,8 +226,8 @@ def _appended_since(snap: TableSnapshot, version: int | None) -> list[str] | Non
     appended = tables.appended_files(snap.uri, version, snap.version)
     if appended is None:
         return None
-    live = set(snap.paths)
-    return [p for p in appended if p in live]
+    data_files = set(snap.paths)
+    return [p for p in appended if p in data_files]
 
 
 def _added_rows(snap: TableSnapshot, parent_version: int | None, added):
@@ -230,19 +235,20 @@ def _added_rows(snap: TableSnapshot, parent_version: int | None, added):
     from and how many files were read), one file at a time:
     first from the files appended since the parent's table version (the nightly's own
     files: O(changed)), then, if rows are missing, from every file written since, then
-    from every file; None rows when nothing is added. A live file holds live rows only and
-    an image_id has one live row, so finding len(added) rows means all were found."""
+    from every file; None rows when nothing is added. Masked rows are dropped as files are
+    read and an image_id has one live row, so finding len(added) rows means all were found."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if not len(added):
         return None, {"read_from": None, "files_read": 0}
     wanted = pa.array(added, pa.int64())
+    mask = snap.mask()
 
     def read(paths):
         parts = []
         for p in paths:
-            t = read_file(p, snap.uri)
+            t = read_file(p, snap.uri, mask=mask)
             t = t.filter(pc.is_in(t.column("image_id"), value_set=wanted))
             if t.num_rows:
                 parts.append(t)
@@ -360,6 +366,6 @@ def _exact_over_table(snap: TableSnapshot, queries, k: int):
     groups = plan_shards(snap.sizes, max(1, min(len(snap.paths), int(resources.get("CPU", 1)))))
     task = ray.remote(num_cpus=1)(exact_slice)
     q_ref = ray.put(queries)
-    parts = ray.get([task.remote([snap.paths[j] for j in g], snap.uri, q_ref, k) for g in groups])
+    parts = ray.get([task.remote([snap.paths[j] for j in g], snap.uri, q_ref, k, snap.tomb_paths) for g in groups])
     return merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
 

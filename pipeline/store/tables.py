@@ -1,6 +1,7 @@
 """The Delta tables under an output prefix, and their schemas (README.md, "What it writes").
 
-<out>/embeddings  one row per embedded object
+<out>/embeddings  one live row per embedded object, and tombstones that mask replaced rows
+                  (live.py: readers apply the mask)
 <out>/errors      one row per object whose latest attempt failed
 <out>/listing     the latest listing (uri, etag, size, mtime), overwritten each run
 <out>/image_ids   uri -> image_id, append-only: ids stay stable for a URI across runs,
@@ -89,14 +90,17 @@ def ensure_table(uri: str, schema):
     return dt
 
 
-def read_columns(uri: str, columns: list[str], version: int | None = None):
-    """Selected columns of a table as Arrow, or None if there is no table yet."""
-    import pyarrow as pa
+def read_columns(uri: str, columns: list[str] | None = None, version: int | None = None):
+    """Selected columns (all when None) of a table's live rows as Arrow (rows masked by
+    tombstones are left out: live.py), or None if there is no table yet."""
+    from sparse_embed.pipeline.store import live
 
-    dt = open_table(uri, version)
-    if dt is None:
-        return None
-    return pa.table(dt.to_pyarrow_table(columns=columns))
+    if columns is None:
+        dt = open_table(uri, version)
+        if dt is None:
+            return None
+        columns = [f.name for f in dt.schema().fields]
+    return live.read_live(uri, columns, version=version)
 
 
 def append(uri: str, table, schema) -> int:

@@ -167,7 +167,7 @@ def run(object_store, ray_local):
 
 
 def _rows(out: str) -> tuple[dict, dict]:
-    emb = tables.open_table(tables.table_uri(out, tables.EMBEDDINGS)).to_pyarrow_table()
+    emb = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS))
     vec = vectors_of(emb.column("embedding"))
     e = {u: (etag, vec[i]) for i, (u, etag) in enumerate(zip(emb.column("uri").to_pylist(), emb.column("etag").to_pylist()))}
     err = tables.read_columns(tables.table_uri(out, tables.ERRORS), ["uri", "etag", "stage", "error_type", "message"])

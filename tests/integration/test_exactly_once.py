@@ -34,7 +34,7 @@ def _index_matches_table(out: str) -> dict:
     m = current_manifest(f"{out}/index")
     assert m is not None, "no CURRENT index"
     assert m["table_version"] == tables.version_of(f"{out}/embeddings")
-    assert m["ntotal"] == tables.open_table(f"{out}/embeddings").to_pyarrow_table(columns=["uri"]).num_rows
+    assert m["ntotal"] == tables.read_columns(f"{out}/embeddings", ["uri"]).num_rows
     return m
 
 

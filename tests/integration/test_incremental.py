@@ -32,7 +32,7 @@ def _objects(seed: int, n_base: int, *, min_side: int = 32, max_side: int = 48) 
 
 
 def _rows(out: str) -> dict[str, tuple]:
-    t = tables.open_table(tables.table_uri(out, tables.EMBEDDINGS)).to_pyarrow_table()
+    t = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS))
     v = vectors_of(t.column("embedding"))
     cols = [t.column(c).to_pylist() for c in ("uri", "etag", "size", "width", "height", "model_version", "image_id")]
     return {u: (e, s, w, h, mv, i, v[k]) for k, (u, e, s, w, h, mv, i) in enumerate(zip(*cols))}
@@ -150,9 +150,9 @@ def test_model_change_starts_a_new_version_and_keeps_the_old_queryable(day0):
     assert result["promoted_model_version"] == result["model_version"] != old_model
     new = ShardedIndex.open(f"{out}/index")
     assert new.manifest["model_version"] == result["model_version"] and new.manifest["dim"] == 128
-    t = tables.open_table(tables.table_uri(out, tables.EMBEDDINGS)).to_pyarrow_table()
+    t = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS))
     assert set(t.column("model_version").to_pylist()) == {result["model_version"]}, "never mixed"
-    old_t = tables.open_table(tables.table_uri(out, tables.EMBEDDINGS), version=old_version).to_pyarrow_table()
+    old_t = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS), version=old_version)
     assert set(old_t.column("model_version").to_pylist()) == {old_model}, "the old version stays readable"
     old_index = ShardedIndex.open(f"{out}/index", index_id=old_id)
     assert old_index.manifest["model_version"] == old_model and old_index.manifest["ntotal"] > 0

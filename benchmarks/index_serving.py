@@ -3,8 +3,8 @@ bytes, query latency cold and warm, and an update with a fraction of rows change
 rebuild of the same table version (cost and results), in one run.
 
 Data: `benchmarks.index` tables (seeded vectors of low intrinsic dimension). A change
-replaces rows the way the embed job does: delete the rows, append them with a new etag and
-a new vector (same image_id). Two updates run one after the other: the first after a
+replaces rows the way the embed job does: tombstones mask the rows, and they are appended
+again with a new etag and a new vector (same image_id). Two updates run one after the other: the first after a
 build brings no ground truth and scans the table for it; the second updates it from the
 changes alone. Searcher figures come from a fresh subprocess whose shard files were first
 dropped from the page cache (posix_fadvise DONTNEED): "cold" is the first pass of single
@@ -99,15 +99,19 @@ def _searcher(args) -> dict:
 
 
 def _change(table: str, n: int, fraction: float, dim: int, seed: int, etag: str) -> int:
-    """Replace `fraction` of the rows (seeded ids): delete them, append them with new vectors."""
+    """Replace `fraction` of the rows (seeded ids) as a nightly does: mask the live rows
+    with tombstones (one append), append new rows with new vectors (one append)."""
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     from benchmarks.index import generate
-    from sparse_embed.pipeline.store import tables
+    from sparse_embed.pipeline.store import live, tables
 
     ids = np.sort(np.random.default_rng(seed).choice(n, size=max(1, int(n * fraction)), replace=False)).astype("int64")
-    tables.delete_matching(table, pa.table({"image_id": pa.array(ids)}), on=("image_id",))
+    schema = tables.embeddings_schema(dim)
+    stale = live.read_live(table, ["image_id", "uri", "etag", "run_id"], filter=pc.field("image_id").isin(ids.tolist()))
+    tables.commit_files(table, [live.write_tombstones(table, stale, schema, f"bench-{etag}", 0)], schema)
     x = generate(len(ids), dim, seed=seed * 7919 + 3)
     m = len(ids)
     tables.append(table, pa.table({
@@ -115,8 +119,8 @@ def _change(table: str, n: int, fraction: float, dim: int, seed: int, etag: str)
         "size": pa.array(np.zeros(m, dtype="int64")), "mtime": pa.array([None] * m, pa.timestamp("us", tz="UTC")),
         "width": pa.array(np.zeros(m, dtype="int32")), "height": pa.array(np.zeros(m, dtype="int32")),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim),
-        "model": pa.array(["bench"] * m), "model_version": pa.array(["bench"] * m), "run_id": pa.array(["bench"] * m),
-    }), tables.embeddings_schema(dim))
+        "model": pa.array(["bench"] * m), "model_version": pa.array(["bench"] * m), "run_id": pa.array([f"bench-{etag}"] * m),
+    }), schema)
     return m
 
 

@@ -95,7 +95,7 @@ def partition_files(files: list[str], columns: list[str], n: int, dest: str, tag
     parts = []
     for f in files:
         with fs.open_input_file(storage.strip_scheme(f)) as src:
-            parts.append(pq.read_table(src, columns=columns))
+            parts.append(tables.plain_strings(pq.read_table(src, columns=columns)))
     table = pa.concat_tables(parts, promote_options="permissive")
     versions = (pc.unique(table.column("model_version")).to_pylist() if "model_version" in columns else [])
     if "model_version" in columns:
@@ -136,8 +136,6 @@ def diff_task(work: str, k: int, max_attempts: int, emb_uri: str, emb_schema, ru
     returns counts and sizes. Safe to repeat (same names)."""
     import pyarrow.compute as pc
 
-    from sparse_embed.pipeline.embed.sink import STATS_COLUMNS
-
     listed = _read_bucket(work, "listed", k)
     embedded, masked, errors, ids = (_read_bucket(work, name, k) for name in ("embedded", "masked", "errors", "ids"))
     if listed is None:
@@ -153,10 +151,7 @@ def diff_task(work: str, k: int, max_attempts: int, emb_uri: str, emb_schema, ru
         if table.num_rows:
             tables.write_parquet_file(work, f"{name}/part-b{k:05d}.parquet", table, row_group_size=TODO_ROW_GROUP)
     if d.stale_embeddings.num_rows:
-        tombs = live.tombstone_rows(d.stale_embeddings, emb_schema)
-        rel = live.tombstone_file_name(run_id, k)
-        out["tombstone_file"] = (rel, tables.write_parquet_file(emb_uri, rel, tombs), tombs.num_rows,
-                                 tables.column_stats(tombs, STATS_COLUMNS))
+        out["tombstone_file"] = live.write_tombstones(emb_uri, d.stale_embeddings, emb_schema, run_id, k)
     return out
 
 

@@ -176,6 +176,19 @@ class IdMapSet:
                     todo[i] = False
         return out
 
+    def contains_live(self, ids):
+        """A bool array: whether each id of `ids` is a live row of the index (in a delta run,
+        or in a base run and not deleted). Binary searches, O(len(ids) log n)."""
+        import numpy as np
+
+        q = np.asarray(ids, dtype="int64").reshape(-1)
+        found = np.zeros(len(q), dtype=bool)
+        gone = np.isin(q, self.deleted) if len(self.deleted) else np.zeros(len(q), dtype=bool)
+        for r, run in enumerate(self.runs):
+            hit = run.contains(q)
+            found |= hit if r >= self.first_live_run else (hit & ~gone)
+        return found
+
     def live_table(self, columns=("image_id", "uri", "etag")):
         """`columns` of every live row, sorted by id, as one Arrow table (for updates' diffs,
         which read image_id and etag, and small indexes: it holds all rows)."""

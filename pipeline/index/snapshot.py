@@ -36,6 +36,7 @@ def read_file(path: str, table_uri: str, columns=("image_id", "uri", "etag", "em
             t = live.live_rows(pf.read(columns=wanted + [c for c in live.MASK_KEY if c not in wanted]), mask).select(wanted)
         else:
             t = pf.read(columns=wanted)
+    t = tables.plain_strings(t)
     for c in columns:
         if c not in present and c in OPTIONAL_COLUMNS:
             t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))

@@ -8,8 +8,10 @@ shards untouched where they are: it opens the current index memory-mapped, reads
 table files written since the indexed version for the added rows, and brings the recall
 ground truth up to date from the changes.
 
-Diff: the table version's (image_id, etag) pairs against the index's id maps. A URI
-keeps its image_id when its object changes, so a changed etag means remove + add.
+Diff: from the Delta log when it can (O(changed)): the tombstone files appended since the
+indexed version name the removed rows, the data files appended since hold the added ones
+(store/live.py). Otherwise the table version's (image_id, etag) pairs against the index's
+id maps. A URI keeps its image_id when its object changes, so a change means remove + add.
 """
 from __future__ import annotations
 
@@ -125,12 +127,17 @@ def update_index(cfg: UpdateConfig) -> dict | None:
         return _rebuild(cfg, cm, reason)
     current = ShardedIndex.open(cfg.index_root, index_id=cm["index_id"])  # memory-mapped: no vector is read here
 
-    old = current.id_maps.live_table(columns=("image_id", "etag"))
-    removed, added = _diff_against_index(old, snap)
-    log.info("index update %s -> table v%d: %d removed, %d added", cm["index_id"], snap.version, len(removed), len(added))
+    from_log = _diff_from_log(snap, cm.get("table_version"), current)
+    if from_log is not None:
+        removed, added, add_t, added_read = from_log
+    else:
+        old = current.id_maps.live_table(columns=("image_id", "etag"))
+        removed, added = _diff_against_index(old, snap)
+        add_t, added_read = _added_rows(snap, cm.get("table_version"), added)
+    log.info("index update %s -> table v%d: %d removed, %d added (%s)", cm["index_id"], snap.version, len(removed),
+             len(added), added_read["read_from"])
     index_id = new_index_id(snap.version)
     index_dir = storage.join(cfg.index_root, index_id)
-    add_t, added_read = _added_rows(snap, cm.get("table_version"), added)
     manifest = dict(_write_delta(cfg.index_root, index_id, cm, current, removed, add_t), table_version=snap.version)
     if manifest["ntotal"] != snap.n:
         raise RuntimeError(f"Updated index holds {manifest['ntotal']} vectors, table v{snap.version} has {snap.n} rows")
@@ -197,6 +204,47 @@ def _diff_against_index(old, snap: TableSnapshot):
     version, by (image_id, etag); by image_id alone for a table without etags (nulls)."""
     new = snap.read_columns(["image_id", "etag"])
     return diff_ids(old.column("image_id"), old.column("etag"), new.column("image_id"), new.column("etag"))
+
+
+def _diff_from_log(snap: TableSnapshot, parent_version: int | None, current):
+    """(removed, added, the added rows, how they were read) from the Delta log between the
+    indexed version and `snap` alone, O(changed): the files append commits added since
+    are the nightly's tombstone files (removed: the ids they mask that the index holds)
+    and its data files (added: their live rows). Compactions in between drop masked rows
+    and their tombstones only. None when the log cannot tell (another kind of commit, a
+    log entry or a tombstone file gone) or the result does not account for the table's
+    live row count (e.g. rows deleted by a plain DELETE): the caller then diffs the whole
+    table against the index."""
+    import numpy as np
+    import pyarrow as pa
+
+    from sparse_embed.pipeline.store import live, tables
+
+    if parent_version is None or parent_version >= snap.version:
+        return None
+    appended = tables.appended_files(snap.uri, parent_version, snap.version)
+    if appended is None:
+        return None
+    data_files = set(snap.paths)
+    new_data = [p for p in appended if p in data_files]
+    new_tombs = [p for p in appended if live.is_tombstone_file(p)]  # compacted away since, too: their rows were indexed
+    try:
+        masked = live.load_mask(new_tombs, snap.uri)
+    except FileNotFoundError:  # a compacted tombstone file already vacuumed
+        return None
+    mask = snap.mask()
+    parts = [read_file(p, snap.uri, mask=mask) for p in new_data]
+    parts = [t for t in parts if t.num_rows]
+    add_t = pa.concat_tables(parts) if parts else None
+    added = np.sort(add_t.column("image_id").to_numpy()).astype("int64") if add_t is not None else np.zeros(0, "int64")
+    candidates = np.unique(masked.column("image_id").to_numpy()) if masked is not None else np.zeros(0, "int64")
+    removed = candidates[current.id_maps.contains_live(candidates)].astype("int64")
+    readded = added[current.id_maps.contains_live(added)]
+    if len(np.unique(added)) != len(added) or not np.isin(readded, removed).all():
+        return None  # an added id the index holds live must have been masked: anything else is another history
+    if current.ntotal - len(removed) + len(added) != snap.n:
+        return None
+    return removed, added, add_t, {"read_from": "log", "files_read": len(new_data) + len(new_tombs)}
 
 
 def _files_since(snap: TableSnapshot, version: int | None) -> list[str]:

@@ -44,8 +44,9 @@ def split_files(paths: list[str]) -> tuple[list[str], list[str]]:
     return [p for p in paths if not is_tombstone_file(p)], tombs
 
 
-def needs_compaction(data_rows: int, tombstone_rows: int, fraction: float = COMPACT_FRACTION) -> bool:
-    """True when tombstones reach `fraction` of the data rows (pure)."""
+def needs_compaction(data_rows: int, tombstone_rows: int, fraction: float | None = None) -> bool:
+    """True when tombstones reach `fraction` (default COMPACT_FRACTION) of the data rows (pure)."""
+    fraction = COMPACT_FRACTION if fraction is None else fraction
     return tombstone_rows > 0 and tombstone_rows >= fraction * max(data_rows, 1)
 
 
@@ -60,6 +61,17 @@ def tombstone_rows(stale, schema):
     for f in schema:
         cols[f.name] = stale.column(f.name).cast(f.type) if f.name in stale.column_names else pa.nulls(stale.num_rows, f.type)
     return pa.table(cols, schema=schema)
+
+
+def write_tombstones(uri: str, stale, schema, run_id: str, part: int) -> tuple:
+    """Write tombstones for the `stale` rows (image_id, uri, etag, run_id of the rows they
+    mask) as an uncommitted file of the table at `uri`; returns its tables.commit_files
+    entry (path, bytes, rows, stats). Safe to repeat (same name, same rows)."""
+    from sparse_embed.pipeline.store import tables
+
+    rows = tombstone_rows(stale, schema)
+    rel = tombstone_file_name(run_id, part)
+    return rel, tables.write_parquet_file(uri, rel, rows), rows.num_rows, tables.column_stats(rows, ("image_id", "uri"))  # as sink.STATS_COLUMNS
 
 
 def _as_keys(table):

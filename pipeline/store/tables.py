@@ -176,6 +176,17 @@ def write_parquet_file(uri: str, rel: str, table, *, row_group_size: int | None 
     return fs.get_file_info(path).size
 
 
+def plain_strings(table):
+    """`table` with string_view columns as string: files deltalake rewrites (merges,
+    deletes) hold string_view, which Arrow will not concatenate with the string of others."""
+    import pyarrow as pa
+
+    for i, f in enumerate(table.schema):
+        if pa.types.is_string_view(f.type):
+            table = table.set_column(i, f.name, table.column(i).cast(pa.string()))
+    return table
+
+
 def column_stats(table, columns: tuple[str, ...]) -> dict:
     """Delta file statistics (minValues, maxValues, nullCount) of `columns` of `table`, for
     an add action: readers skip the file when a lookup's value is outside [min, max]."""

@@ -17,8 +17,8 @@ def unit_vectors(n, d, seed):
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def write_table(uri, vectors, ids, files, etag="e"):
-    """An embeddings table at `uri` holding `vectors` under `ids`, in `files` appends."""
+def write_table(uri, vectors, ids, files, etag="e", run_id="r"):
+    """An embeddings table at `uri` holding `vectors` under `ids`, in `files` appends (rows of run `run_id`)."""
     schema = tables.embeddings_schema(vectors.shape[1])
     for chunk in np.array_split(np.arange(len(ids)), files):
         t = pa.table({
@@ -27,6 +27,6 @@ def write_table(uri, vectors, ids, files, etag="e"):
             "mtime": pa.array([None] * len(chunk), pa.timestamp("us", tz="UTC")),
             "width": pa.array([1] * len(chunk), pa.int32()), "height": pa.array([1] * len(chunk), pa.int32()),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors[chunk].reshape(-1)), vectors.shape[1]),
-            "model": ["m"] * len(chunk), "model_version": ["v"] * len(chunk), "run_id": ["r"] * len(chunk),
+            "model": ["m"] * len(chunk), "model_version": ["v"] * len(chunk), "run_id": [run_id] * len(chunk),
         })
         tables.append(uri, t, schema)

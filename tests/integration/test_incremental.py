@@ -16,7 +16,7 @@ import pytest
 from helpers import SPEC
 from helpers.faults import assert_settled
 from sparse_embed.infra.synthetic_images import generate
-from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.store import live, storage, tables
 from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed, staging_root
 from sparse_embed.pipeline.index.snapshot import vectors_of
 from sparse_embed.pipeline.index.searcher import ShardedIndex, current_index_id
@@ -73,9 +73,17 @@ def test_a_day_of_changes_equals_a_fresh_full_run(day0):
     storage.put_many(source, added | {changed_key: day0["objects"][keys[15]]})
     storage.filesystem(source).rm_file(storage.strip_scheme(source + deleted_key))
 
+    emb_uri = tables.table_uri(out, tables.EMBEDDINGS)
+    files_before = set(tables.open_table(emb_uri).file_uris())
     inc = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
     c = inc["counts"]
     assert (c["new"], c["changed"], c["deleted"], c["processed"]) == (2, 1, 1, 3), c
+    # O(changed): no file of the table was rewritten; the changed and deleted rows are masked
+    files_after = set(tables.open_table(emb_uri).file_uris())
+    assert files_before <= files_after
+    tombs = [f for f in files_after if live.is_tombstone_file(f)]
+    assert len(tombs) == 1 and live.row_counts(emb_uri) == (N + 3, 2)
+    assert ShardedIndex.open(f"{out}/index").manifest["update"]["added_rows"]["read_from"] == "log"
 
     fresh_out = f"{bucket}/fresh"
     run_embed(EmbedConfig(source=source, out=fresh_out, spec=SPEC, index_shards=2, rows_per_file=16))
@@ -101,6 +109,30 @@ def test_a_day_of_changes_equals_a_fresh_full_run(day0):
         np.testing.assert_allclose([h.score for h in ra], [h.score for h in rb], rtol=0, atol=1e-5, err_msg=detail)
         assert all(x.uri == y.uri or abs(x.score - y.score) <= 1e-5 for x, y in zip(ra, rb)), detail
     assert source + deleted_key not in ia.uris.values()
+
+
+def test_compaction_drops_masked_rows_and_tombstones_once_they_reach_the_threshold(day0, monkeypatch):
+    source, out = day0["source"], day0["out"]
+    emb_uri = tables.table_uri(out, tables.EMBEDDINGS)
+    keys = sorted(day0["objects"])
+    storage.put_many(source, {keys[3]: day0["objects"][keys[4]]})  # changed
+    storage.filesystem(source).rm_file(storage.strip_scheme(source + keys[7]))  # deleted
+    masked = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
+    assert masked["counts"]["processed"] == 1 and live.row_counts(emb_uri) == (N + 1, 2)  # 2 / 25 < 0.2: kept
+    monkeypatch.setattr(live, "COMPACT_FRACTION", 0.05)  # the driver decides (todo._compact_if_due)
+    storage.filesystem(source).rm_file(storage.strip_scheme(source + keys[9]))  # 3 / 25 >= 0.05: compacts
+    compacted = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
+    assert compacted["counts"]["deleted"] == 1
+    assert live.row_counts(emb_uri) == (N - 2, 0), "masked rows and tombstones are gone"
+    assert not [f for f in tables.open_table(emb_uri).file_uris() if live.is_tombstone_file(f)]
+    raw = tables.open_table(emb_uri).to_pyarrow_table(columns=["uri"]).column("uri").to_pylist()
+    assert sorted(raw) == sorted(tables.read_columns(emb_uri, ["uri"]).column("uri").to_pylist())
+    _assert_exactly_once(source, out)
+    index = ShardedIndex.open(f"{out}/index")
+    assert index.manifest["ntotal"] == N - 2 and source + keys[9] not in index.uris.values()
+    again = run_embed(EmbedConfig(source=source, out=out, spec=SPEC))
+    assert again["counts"]["processed"] == 0 and again["index_id"] is None
+    assert live.row_counts(emb_uri) == (N - 2, 0)
 
 
 @pytest.mark.slow  # > 40 s on 2 cores; ./dev test -m slow

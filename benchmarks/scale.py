@@ -4,12 +4,14 @@ Delta tables on local disk.
 
 Per size, one process (the measured driver, with a local Ray of its own) runs, for a first
 run and then a nightly: list (the inventory read by Ray tasks into the listing table),
-diff (todo.build_todo: partition, per-bucket diff, ids, deletes of changed rows) and
+diff (todo.build_todo: partition, per-bucket diff, ids, tombstones for changed rows) and
 commit (write tasks put the todo rows as embedding files, sink.commit_files commits them).
 Embedding is skipped: the write tasks put zero vectors of --dim floats, so the table's
 bytes are mostly metadata columns, not vectors (~8 bytes a row; a 512-d float32 vector is 2,048).
 Reported: objects/s of each stage, the driver's peak RSS (VmHWM of that process, after each stage), and
-the bytes the table updates read and wrote (files added or removed between versions).
+the bytes the table updates read and wrote (files added or removed between versions). After
+the nightly, one compaction (as a run makes when tombstones reach live.COMPACT_FRACTION) is
+measured, and its bytes are spread over the nights between two compactions.
 """
 from __future__ import annotations
 
@@ -153,7 +155,7 @@ def _one_run(out: str, manifest: str, run_id: str, dim: int) -> dict:
     from sparse_embed.pipeline.embed import sink
     from sparse_embed.pipeline.embed.listing import list_objects
     from sparse_embed.pipeline.embed.todo import build_todo, remove_work
-    from sparse_embed.pipeline.store import tables
+    from sparse_embed.pipeline.store import live, tables
 
     emb = tables.table_uri(out, tables.EMBEDDINGS)
     res = {"peak_rss_after": {}}  # the peak so far after each stage: the stage that raises it is the one that set it
@@ -170,7 +172,10 @@ def _one_run(out: str, manifest: str, run_id: str, dim: int) -> dict:
     res["counts"] = todo.counts
     res["peak_rss_after"]["diff"] = _peak_rss()
     mid = _table_files(emb)
-    res["delete_read_bytes"], res["delete_written_bytes"] = (sum(before.values()) if mid != before else 0), _io(before, mid)[1]
+    # The diff's table update: tombstones appended, plus a compaction's merge-delete when one
+    # was due (it reads at least the files it replaces; counted as read: the removed files).
+    res["delete_read_bytes"], res["delete_written_bytes"] = _io(before, mid)
+    res["tombstones"], res["compacted"] = todo.tombstones, todo.compacted
     t0 = time.perf_counter()
     task = ray.remote(num_cpus=0.5)(write_rows)
     files = [f for part in ray.get([task.remote(out, p, run_id, dim) for p in todo.paths]) for f in part]
@@ -185,8 +190,27 @@ def _one_run(out: str, manifest: str, run_id: str, dim: int) -> dict:
     res["append_written_bytes"] = _io(mid, after)[1]
     res["table_bytes"] = sum(after.values())
     res["todo"] = todo.num_rows
+    res["data_rows"], res["tombstone_rows"] = live.row_counts(emb)
     remove_work(out, run_id)
     return res
+
+
+def _compaction(out: str) -> dict:
+    """A compaction of the table as a run makes one (todo.compact_task, in a Ray task):
+    seconds and the bytes of files it replaced and wrote."""
+    import ray
+
+    from sparse_embed.pipeline.embed.todo import compact_task
+    from sparse_embed.pipeline.store import tables
+
+    emb = tables.table_uri(out, tables.EMBEDDINGS)
+    before = _table_files(emb)
+    t0 = time.perf_counter()
+    rows = ray.get(ray.remote(num_cpus=0.5)(compact_task).remote(emb, out, None))
+    after = _table_files(emb)
+    read, written = _io(before, after)
+    return {"seconds": time.perf_counter() - t0, "rows_deleted": rows, "read_bytes": read, "written_bytes": written,
+            "table_bytes": sum(after.values())}
 
 
 def _measure_one(args) -> int:
@@ -200,8 +224,10 @@ def _measure_one(args) -> int:
     out = os.path.join(root, "out")
     first = _one_run(out, os.path.join(root, "day0.json"), "first", args.dim)
     nightly = _one_run(out, os.path.join(root, "day1.json"), "nightly", args.dim)
+    peak = _peak_rss()
+    compaction = _compaction(out)
     ray.shutdown()
-    print(json.dumps({"n": n, "first": first, "nightly": nightly, "driver_peak_rss": _peak_rss(),
+    print(json.dumps({"n": n, "first": first, "nightly": nightly, "compaction": compaction, "driver_peak_rss": peak,
                       "driver_peak_rss_after_ray_init": after_init}))
     return 0
 
@@ -242,7 +268,7 @@ def run(args) -> int:
 
 
 def _table(results: list[dict]) -> str:
-    lines = ["| objects | run | list obj/s | diff obj/s | write+commit obj/s (rows) | metadata s | delete read / written | append written | table bytes |",
+    lines = ["| objects | run | list obj/s | diff obj/s | write+commit obj/s (rows) | metadata s | tombstones: read / written | append written | table bytes |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for name in ("first", "nightly"):
@@ -262,9 +288,22 @@ def _summary(results: list[dict]) -> str:
         a, b = results[0], results[-1]
         out.append(f"driver peak RSS {b['n']:,} / {a['n']:,}: {b['driver_peak_rss'] / a['driver_peak_rss']:.2f} (target <= 1.3)")
     for r in results:
-        f, n = r["first"], r["nightly"]
+        f, n, c = r["first"], r["nightly"], r["compaction"]
         written = n["delete_written_bytes"] + n["append_written_bytes"]
+        nights = nights_per_compaction(n["data_rows"], n["tombstones"])
+        amortised = written + c["written_bytes"] / nights
         meta = lambda x: x["list_s"] + x["diff_s"] + x["commit_s"]  # noqa: E731
-        out.append(f"{r['n']:,}: nightly wrote {written / max(f['table_bytes'], 1):.1%} of the table's bytes (target <= 5%); "
+        out.append(f"{r['n']:,}: nightly wrote {written / max(f['table_bytes'], 1):.1%} of the table's bytes "
+                   f"(tombstones {n['tombstones']:,} rows, {n['delete_written_bytes'] / 2**20:,.1f} MiB; read "
+                   f"{n['delete_read_bytes'] / 2**20:,.1f} MiB); with a compaction every {nights:.0f} nights "
+                   f"({c['written_bytes'] / 2**20:,.1f} MiB written, {c['read_bytes'] / 2**20:,.1f} MiB of files replaced, "
+                   f"{c['seconds']:.1f} s) {amortised / max(f['table_bytes'], 1):.1%} a night on average (target <= 5%); "
                    f"nightly metadata stages {meta(n) / meta(f):.1%} of the first run's (target <= 10%)")
     return "\n".join(out)
+
+
+def nights_per_compaction(data_rows: int, tombstones_per_night: int) -> float:
+    """Nights of `tombstones_per_night` until a table of `data_rows` compacts (live.COMPACT_FRACTION)."""
+    from sparse_embed.pipeline.store import live
+
+    return max(1.0, live.COMPACT_FRACTION * data_rows / max(tombstones_per_night, 1))

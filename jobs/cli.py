@@ -22,6 +22,7 @@ COMMANDS = {
     "serve": ("serve", "the search page and its JSON API over an index (loopback by default)"),
     "nightly": ("nightly", "scheduled run: lock OUT, embed what changed, update the index, report; safe to kill and rerun"),
     "runs": ("runs", "run history: `runs list --out OUT`"),
+    "compact": ("compact", "drop the embeddings table's masked rows and tombstones now (runs do it once tombstones reach 20 percent of the rows)"),
     "demo": ("demo", "start a local object store, fill it with generated images, run every flow"),
     "bench": ("bench", "benchmarks: bench encoders | pipeline | index | incremental | serve (results in BENCHMARKS.md)"),
     "store": ("store", "run the local S3 object store (SeaweedFS) until Ctrl-C, printing its AWS_* settings"),

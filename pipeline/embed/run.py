@@ -316,7 +316,7 @@ def _run_embed_locked(cfg: EmbedConfig) -> dict:
     result = report.build_report(cfg, enc, report.RunFacts(
         counts=todo.counts, processed=todo.num_rows, first_tries=todo.first_tries,
         embedded=embedded, failed_by_reason=failed_by_reason, failed_by_kind=failed_by_kind, failed_first=failed_first,
-        recovered=recovered,
+        recovered=recovered, masked=todo.tombstones, compacted=todo.compacted,
         pool=pool, embed_seconds=embed_seconds, embed_stage_s=timer.seconds(EMBED_STAGE), timings_s=timer.as_dict(),
         wall_s=time.time() - started, versions_before=versions_before, versions_after=_table_versions(cfg.out),
         promoted=promoted, index_id=index_id))

@@ -131,10 +131,10 @@ def _load_mask(tomb_paths: tuple, table_uri: str):
     return keys.group_by(list(MASK_KEY)).aggregate([]) if keys.num_rows else None
 
 
-def read_live(uri: str, columns: list[str], *, version: int | None = None, filter=None):
-    """`columns` of the live rows of the table at `uri` (None when there is no table).
-    `filter` (a pyarrow.dataset expression) may only name columns tombstones share with
-    the rows they mask (image_id, uri, etag): it then selects both."""
+def read_live(uri: str, columns: list[str] | None = None, *, version: int | None = None, filter=None):
+    """`columns` (all when None) of the live rows of the table at `uri` (None when there is
+    no table). `filter` (a pyarrow.dataset expression) may only name columns tombstones
+    share with the rows they mask (image_id, uri, etag): it then selects both."""
     import pyarrow.compute as pc
 
     from sparse_embed.pipeline.store import tables
@@ -142,6 +142,8 @@ def read_live(uri: str, columns: list[str], *, version: int | None = None, filte
     dt = tables.open_table(uri, version)
     if dt is None:
         return None
+    if columns is None:
+        columns = [f.name for f in dt.schema().fields]
     dataset = dt.to_pyarrow_dataset()
     if not any(is_tombstone_file(p) for p in dt.file_uris()):
         return dataset.to_table(columns=list(columns), filter=filter)

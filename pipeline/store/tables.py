@@ -90,17 +90,16 @@ def ensure_table(uri: str, schema):
     return dt
 
 
-def read_columns(uri: str, columns: list[str] | None = None, version: int | None = None):
-    """Selected columns (all when None) of a table's live rows as Arrow (rows masked by
-    tombstones are left out: live.py), or None if there is no table yet."""
-    from sparse_embed.pipeline.store import live
+def read_columns(uri: str, columns: list[str], version: int | None = None):
+    """Selected columns of a table's stored rows as Arrow, or None if there is no table yet.
+    For the embeddings table that includes masked rows and tombstones: read it with
+    live.read_live."""
+    import pyarrow as pa
 
-    if columns is None:
-        dt = open_table(uri, version)
-        if dt is None:
-            return None
-        columns = [f.name for f in dt.schema().fields]
-    return live.read_live(uri, columns, version=version)
+    dt = open_table(uri, version)
+    if dt is None:
+        return None
+    return pa.table(dt.to_pyarrow_table(columns=columns))
 
 
 def append(uri: str, table, schema) -> int:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from sparse_embed.infra.synthetic_images import base_image, encode
 from sparse_embed.pipeline.embed import listing
-from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.store import live, storage, tables
 from sparse_embed.pipeline.index.snapshot import vectors_of
 
 pytestmark = pytest.mark.integration
@@ -167,10 +167,10 @@ def run(object_store, ray_local):
 
 
 def _rows(out: str) -> tuple[dict, dict]:
-    emb = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS))
+    emb = live.read_live(tables.table_uri(out, tables.EMBEDDINGS))
     vec = vectors_of(emb.column("embedding"))
     e = {u: (etag, vec[i]) for i, (u, etag) in enumerate(zip(emb.column("uri").to_pylist(), emb.column("etag").to_pylist()))}
-    err = tables.read_columns(tables.table_uri(out, tables.ERRORS), ["uri", "etag", "stage", "error_type", "message"])
+    err = live.read_live(tables.table_uri(out, tables.ERRORS), ["uri", "etag", "stage", "error_type", "message"])
     f = {u: (s, t, m, etag) for u, etag, s, t, m in zip(*(err.column(c).to_pylist() for c in ("uri", "etag", "stage", "error_type", "message")))}
     return e, f
 
@@ -183,7 +183,7 @@ def test_at_least_20_kinds(run):
     after = run["report"]["table_versions"]["after"]
     etags = []
     for name in (tables.EMBEDDINGS, tables.ERRORS):
-        t = tables.read_columns(tables.table_uri(run["out"], name), ["uri", "etag"], version=after[name])
+        t = live.read_live(tables.table_uri(run["out"], name), ["uri", "etag"], version=after[name])
         etags += t.column("etag").to_pylist()
     assert len(etags) == len(run["objects"]), "one row per listed object"
     assert len(set(etags)) == kinds >= 20, (len(set(etags)), kinds)

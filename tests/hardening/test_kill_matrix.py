@@ -17,7 +17,7 @@ from helpers import SPEC
 from helpers.faults import assert_exactly_once, assert_settled, fill
 from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
 from sparse_embed.pipeline.index.publish import current_manifest
-from sparse_embed.pipeline.store import tables
+from sparse_embed.pipeline.store import live, tables
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ def _check_repaired(source: str, out: str, spec: dict) -> None:
     assert_exactly_once(source, out)
     m = current_manifest(f"{out}/index")
     assert m["table_version"] == tables.version_of(f"{out}/embeddings")
-    assert set(tables.read_columns(f"{out}/embeddings", ["model_version"]).column("model_version").to_pylist()) == {
+    assert set(live.read_live(f"{out}/embeddings", ["model_version"]).column("model_version").to_pylist()) == {
         m["model_version"]}
     assert_settled(cfg)
 

@@ -11,7 +11,7 @@ import pytest
 
 from helpers import SPEC
 from sparse_embed.infra.synthetic_images import generate
-from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.store import live, storage, tables
 from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
 
 pytestmark = pytest.mark.integration
@@ -119,7 +119,7 @@ def test_secret_never_written_or_logged(object_store, own_ray, caplog, capfd):
                 assert needle.encode() not in data, f"{what} in {p}"
     assert {source + k for k in objects} <= strings, "the Parquet files were read: every listed uri is among them"
 
-    err = tables.read_columns(tables.table_uri(out, tables.ERRORS), ["message"])
+    err = live.read_live(tables.table_uri(out, tables.ERRORS), ["message"])
     assert err.num_rows == 2 and all(m and secret not in m for m in err.column("message").to_pylist())
 
     leaked = []

@@ -8,7 +8,7 @@ import time
 
 from sparse_embed.infra.synthetic_images import generate
 from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
-from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.store import live, storage, tables
 
 
 def fill(bucket: str, n_base: int, seed: int, *, under: str = "") -> tuple[str, list[str]]:
@@ -23,8 +23,8 @@ def assert_exactly_once(source: str, out: str, *, all_embedded: bool = True) -> 
     tests/integration/test_incremental.py), with no duplicate in either table."""
     fs = storage.filesystem(source)
     listed = sorted(storage.with_scheme(p, source) for p in fs.find(storage.strip_scheme(source)))
-    emb = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS), ["uri"]).column("uri").to_pylist()
-    err_t = tables.read_columns(tables.table_uri(out, tables.ERRORS), ["uri", "stage", "error_type"])
+    emb = live.read_live(tables.table_uri(out, tables.EMBEDDINGS), ["uri"]).column("uri").to_pylist()
+    err_t = live.read_live(tables.table_uri(out, tables.ERRORS), ["uri", "stage", "error_type"])
     err = err_t.column("uri").to_pylist() if err_t is not None else []
     assert len(emb) == len(set(emb)), "duplicate embedding rows"
     assert len(err) == len(set(err)), "duplicate error rows"
@@ -107,7 +107,7 @@ def pending_files(out: str) -> list[str]:
 def assert_no_key_twice(out: str) -> None:
     """No (uri, etag) twice among the embedding rows, nor among the error rows."""
     for name in (tables.EMBEDDINGS, tables.ERRORS):
-        t = tables.read_columns(tables.table_uri(out, name), ["uri", "etag"])
+        t = live.read_live(tables.table_uri(out, name), ["uri", "etag"])
         if t is None:
             continue
         keys = list(zip(t.column("uri").to_pylist(), t.column("etag").to_pylist()))

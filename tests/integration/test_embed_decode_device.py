@@ -10,13 +10,13 @@ from helpers import SPEC
 from sparse_embed.infra.synthetic_images import generate
 from sparse_embed.jobs.demo import corrupt_objects
 from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
-from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.store import live, storage, tables
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _rows(out: str, name: str, cols: list[str]) -> dict:
-    return tables.read_columns(tables.table_uri(out, name), cols).to_pydict()
+    return live.read_live(tables.table_uri(out, name), cols).to_pydict()
 
 
 def test_device_decode_run_matches_the_cpu_decode_run(object_store, ray_local):

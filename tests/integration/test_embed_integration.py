@@ -10,7 +10,7 @@ import pytest
 from helpers import SPEC
 from sparse_embed.infra.synthetic_images import generate
 from sparse_embed.jobs.demo import corrupt_objects, near_duplicate_recall
-from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.store import live, storage, tables
 from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
 from sparse_embed.pipeline.index.snapshot import vectors_of
 from sparse_embed.pipeline.embed.report import summary
@@ -39,7 +39,7 @@ def embedded(object_store, ray_local):
 
 
 def _table(out, name, cols):
-    return tables.read_columns(tables.table_uri(out, name), cols)
+    return live.read_live(tables.table_uri(out, name), cols)
 
 
 def test_every_listed_object_is_exactly_one_row(embedded):

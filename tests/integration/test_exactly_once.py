@@ -20,7 +20,7 @@ from sparse_embed.jobs.cli import main
 from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
 from sparse_embed.pipeline.index.publish import current_manifest
 from sparse_embed.pipeline.index.searcher import ShardedIndex
-from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.store import live, storage, tables
 from sparse_embed.pipeline.store.lock import LockLost, OutputLock
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def _index_matches_table(out: str) -> dict:
     m = current_manifest(f"{out}/index")
     assert m is not None, "no CURRENT index"
     assert m["table_version"] == tables.version_of(f"{out}/embeddings")
-    assert m["ntotal"] == tables.read_columns(f"{out}/embeddings", ["uri"]).num_rows
+    assert m["ntotal"] == live.read_live(f"{out}/embeddings", ["uri"]).num_rows
     return m
 
 
@@ -150,7 +150,7 @@ def test_infrastructure_failures_never_give_an_object_up_but_object_failures_do(
     assert [r["counts"]["failed_object"] for r in reports] == [1, 1, 0]
     assert last["gave_up"] == 1 and last["processed"] == 2, "junk.jpg given up after 2 attempts; the denied two retried"
     assert last["failed_infrastructure_by_reason"] == {"fetch:PermissionError": 2}
-    err = tables.read_columns(f"{out}/errors", ["uri", "attempts"])
+    err = live.read_live(f"{out}/errors", ["uri", "attempts"])
     attempts = dict(zip(err.column("uri").to_pylist(), err.column("attempts").to_pylist()))
     assert attempts == {**{k: 0 for k in denied}, f"{source}junk.jpg": 2}
     assert_no_key_twice(out)
@@ -187,7 +187,7 @@ def test_pending_files_of_another_model_are_never_committed_into_the_new_model(r
     b = run_embed(EmbedConfig(source=source, out=out, spec=spec_b, rows_per_file=8, index_shards=1))
     assert b["promoted_model_version"] == b["model_version"]
     again = run_embed(EmbedConfig(source=source, out=out, spec=spec_b, rows_per_file=8, index_shards=1, run_id="b2"))
-    versions = set(tables.read_columns(f"{out}/embeddings", ["model_version"]).column("model_version").to_pylist())
+    versions = set(live.read_live(f"{out}/embeddings", ["model_version"]).column("model_version").to_pylist())
     assert versions == {b["model_version"]}, "model A's pending rows were committed into model B's table"
     assert again["counts"]["processed"] == 0 and again["counts"]["recovered_rows"] == 0
     assert pending_files(out) == []
@@ -250,5 +250,5 @@ def test_delta_commits_use_conditional_writes_so_concurrent_commits_never_overwr
         t.start()
     for t in threads:
         t.join(120)
-    assert sorted(tables.read_columns(uri, ["image_id"]).column("image_id").to_pylist()) == list(range(7))
+    assert sorted(live.read_live(uri, ["image_id"]).column("image_id").to_pylist()) == list(range(7))
     assert tables.version_of(uri) == 7  # v0 creates the table, then seven appends

@@ -32,7 +32,7 @@ def _objects(seed: int, n_base: int, *, min_side: int = 32, max_side: int = 48) 
 
 
 def _rows(out: str) -> dict[str, tuple]:
-    t = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS))
+    t = live.read_live(tables.table_uri(out, tables.EMBEDDINGS))
     v = vectors_of(t.column("embedding"))
     cols = [t.column(c).to_pylist() for c in ("uri", "etag", "size", "width", "height", "model_version", "image_id")]
     return {u: (e, s, w, h, mv, i, v[k]) for k, (u, e, s, w, h, mv, i) in enumerate(zip(*cols))}
@@ -41,8 +41,8 @@ def _rows(out: str) -> dict[str, tuple]:
 def _assert_exactly_once(source: str, out: str):
     fs = storage.filesystem(source)
     listed = sorted(storage.with_scheme(p, source) for p in fs.find(storage.strip_scheme(source)))
-    emb = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS), ["uri"]).column("uri").to_pylist()
-    err = tables.read_columns(tables.table_uri(out, tables.ERRORS), ["uri"]).column("uri").to_pylist()
+    emb = live.read_live(tables.table_uri(out, tables.EMBEDDINGS), ["uri"]).column("uri").to_pylist()
+    err = live.read_live(tables.table_uri(out, tables.ERRORS), ["uri"]).column("uri").to_pylist()
     assert len(emb) == len(set(emb)), "duplicate embedding rows"
     assert sorted(emb + err) == listed, "every listed object is exactly one row"
 
@@ -119,14 +119,16 @@ def test_compaction_drops_masked_rows_and_tombstones_once_they_reach_the_thresho
     storage.filesystem(source).rm_file(storage.strip_scheme(source + keys[7]))  # deleted
     masked = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
     assert masked["counts"]["processed"] == 1 and live.row_counts(emb_uri) == (N + 1, 2)  # 2 / 25 < 0.2: kept
+    assert (masked["counts"]["masked_rows"], masked["counts"]["compacted_rows"]) == (2, 0)
     monkeypatch.setattr(live, "COMPACT_FRACTION", 0.05)  # the driver decides (todo._compact_if_due)
     storage.filesystem(source).rm_file(storage.strip_scheme(source + keys[9]))  # 3 / 25 >= 0.05: compacts
     compacted = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
     assert compacted["counts"]["deleted"] == 1
+    assert (compacted["counts"]["masked_rows"], compacted["counts"]["compacted_rows"]) == (1, 6)
     assert live.row_counts(emb_uri) == (N - 2, 0), "masked rows and tombstones are gone"
     assert not [f for f in tables.open_table(emb_uri).file_uris() if live.is_tombstone_file(f)]
     raw = tables.open_table(emb_uri).to_pyarrow_table(columns=["uri"]).column("uri").to_pylist()
-    assert sorted(raw) == sorted(tables.read_columns(emb_uri, ["uri"]).column("uri").to_pylist())
+    assert sorted(raw) == sorted(live.read_live(emb_uri, ["uri"]).column("uri").to_pylist())
     _assert_exactly_once(source, out)
     index = ShardedIndex.open(f"{out}/index")
     assert index.manifest["ntotal"] == N - 2 and source + keys[9] not in index.uris.values()
@@ -160,7 +162,7 @@ def test_driver_killed_mid_embed_resumes_exactly_once(bucket, ray_local):
     assert proc.poll() is None, "the run finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray, as a dead machine would
     proc.wait()
-    emb = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS), ["uri"])
+    emb = live.read_live(tables.table_uri(out, tables.EMBEDDINGS), ["uri"])
     assert emb is None or emb.num_rows == 0, "nothing is visible before the run commits"
 
     cfg = EmbedConfig(source=source, out=out, spec=SPEC, build_index=False)
@@ -182,9 +184,9 @@ def test_model_change_starts_a_new_version_and_keeps_the_old_queryable(day0):
     assert result["promoted_model_version"] == result["model_version"] != old_model
     new = ShardedIndex.open(f"{out}/index")
     assert new.manifest["model_version"] == result["model_version"] and new.manifest["dim"] == 128
-    t = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS))
+    t = live.read_live(tables.table_uri(out, tables.EMBEDDINGS))
     assert set(t.column("model_version").to_pylist()) == {result["model_version"]}, "never mixed"
-    old_t = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS), version=old_version)
+    old_t = live.read_live(tables.table_uri(out, tables.EMBEDDINGS), version=old_version)
     assert set(old_t.column("model_version").to_pylist()) == {old_model}, "the old version stays readable"
     old_index = ShardedIndex.open(f"{out}/index", index_id=old_id)
     assert old_index.manifest["model_version"] == old_model and old_index.manifest["ntotal"] > 0

@@ -14,7 +14,7 @@ from sparse_embed.pipeline.index.build import BuildConfig, build_index
 from sparse_embed.pipeline.index.searcher import ShardedIndex, current_index_id
 from sparse_embed.pipeline.serve.live_index import LiveIndex
 from sparse_embed.pipeline.index.update import UpdateConfig, update_index
-from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.store import live, storage, tables
 
 from helpers import unit_vectors, write_table
 
@@ -75,7 +75,7 @@ def test_updates_write_a_delta_and_a_deletion_set_and_equal_a_rebuild(ray_local,
     assert written == ["deleted.npy", "delta.faiss", "idmap_delta.arrow", "manifest.json", "truth.npz"]  # no base shard
 
     updated = ShardedIndex.open(root)
-    table_ids = np.sort(tables.read_columns(table, ["image_id"]).column("image_id").to_numpy())
+    table_ids = np.sort(live.read_live(table, ["image_id"]).column("image_id").to_numpy())
     assert updated.ntotal == two["ntotal"] == len(table_ids) and two["recall_at_10"] == 1.0
     np.testing.assert_array_equal(updated.live_ids(), table_ids)
     rebuilt = ShardedIndex.open(ref_root, index_id=build_index(BuildConfig(table, ref_root, shards=2))["index_id"])

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.store import live, storage, tables
 from sparse_embed.pipeline.index.build import BuildConfig, build_index
 from sparse_embed.pipeline.index.snapshot import vectors_of
 from sparse_embed.pipeline.index.update import UpdateConfig, diff_ids, update_index
@@ -32,7 +32,7 @@ def _mutate(table, d, seed):
 
 
 def _table_ids(table):
-    return np.sort(tables.read_columns(table, ["image_id"]).column("image_id").to_numpy())
+    return np.sort(live.read_live(table, ["image_id"]).column("image_id").to_numpy())
 
 
 @pytest.mark.integration
@@ -84,7 +84,7 @@ def test_ivf_update_equals_adding_the_new_table_to_the_same_trained_index(ray_lo
 
     trained = storage.read_bytes(f"{root}/{m['trained_index_id']}/trained.faiss")  # the build's: updates keep it
     ref = faiss.deserialize_index(np.frombuffer(trained, dtype="uint8"))
-    t = tables.read_columns(table, ["image_id", "embedding"])
+    t = live.read_live(table, ["image_id", "embedding"])
     ref.add_with_ids(vectors_of(t.column("embedding")), t.column("image_id").to_numpy())
     faiss.ParameterSpace().set_index_parameter(ref, "nprobe", 64)
     queries = unit_vectors(50, d, seed=19)

@@ -16,7 +16,7 @@ import pytest
 from helpers import SPEC
 from sparse_embed.infra.object_store import free_ports
 from sparse_embed.infra.synthetic_images import generate
-from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.store import live, storage, tables
 from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
 
 pytestmark = pytest.mark.integration
@@ -45,7 +45,7 @@ def test_multi_node_cluster_with_logical_gpus_gets_one_actor_per_gpu(object_stor
         pool = result["actor_pool"]
         assert {k: pool[k] for k in ("size", "num_gpus", "num_cpus", "decode_cpus")} == {"size": 2, "num_gpus": 1, "num_cpus": 1, "decode_cpus": 1.0}
         assert pool["decode"] == "cpu", "the default --decode cpu decodes in CPU tasks"
-        emb = tables.read_columns(tables.table_uri(f"{bucket}/out", tables.EMBEDDINGS), ["uri"])
+        emb = live.read_live(tables.table_uri(f"{bucket}/out", tables.EMBEDDINGS), ["uri"])
         assert sorted(emb.column("uri").to_pylist()) == sorted(uris)
     finally:
         ray.shutdown()
@@ -103,7 +103,7 @@ def test_ray_job_submit_runs_the_embed_job(ray_head, bucket):
         time.sleep(3)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in (job.stdout + job.stderr)
-    emb = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS), ["uri"])
+    emb = live.read_live(tables.table_uri(out, tables.EMBEDDINGS), ["uri"])
     assert sorted(emb.column("uri").to_pylist()) == sorted(uris)
     manifest_id = storage.read_bytes(f"{out}/index/CURRENT").decode()
     manifest = json.loads(storage.read_bytes(f"{out}/index/{manifest_id}/manifest.json"))

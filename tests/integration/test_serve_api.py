@@ -19,7 +19,7 @@ from sparse_embed.pipeline.index.searcher import ShardedIndex, current_index_id
 from sparse_embed.pipeline.serve.app import build_app
 from sparse_embed.pipeline.serve.live_index import LiveIndex
 from sparse_embed.pipeline.serve.runner import BackgroundServer
-from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.store import live, storage, tables
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ def indexed(object_store, ray_local):
     images = generate(N_BASE, seed=11)
     storage.put_many(source, {im.key: im.data for im in images} | corrupt_objects(1))
     run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2))
-    t = tables.read_columns(tables.table_uri(out, tables.EMBEDDINGS), ["image_id", "uri"])
+    t = live.read_live(tables.table_uri(out, tables.EMBEDDINGS), ["image_id", "uri"])
     ids = dict(zip(t.column("uri").to_pylist(), t.column("image_id").to_pylist()))
     return {"source": source, "out": out, "index": f"{out}/index", "images": images, "ids": ids}
 

@@ -62,7 +62,7 @@ def test_every_reader_sees_the_live_rows_only(masked_table):
     uri, v, new = masked_table
     live_ids = sorted(set(range(40)) - {9})
     assert live.row_counts(uri) == (42, 3)
-    t = tables.read_columns(uri, ["image_id", "etag"])
+    t = live.read_live(uri, ["image_id", "etag"])
     assert sorted(t.column("image_id").to_pylist()) == live_ids
     assert dict(zip(t.column("image_id").to_pylist(), t.column("etag").to_pylist()))[5] == "e2"
 
@@ -89,14 +89,14 @@ def test_an_id_written_again_by_a_later_run_is_not_masked_by_its_old_tombstone(m
     uri, _, _ = masked_table
     back = unit_vectors(1, D, seed=4)
     write_table(uri, back, np.array([9], dtype="int64"), files=1, etag="e", run_id="r3")  # deleted, then restored
-    t = tables.read_columns(uri, ["image_id", "run_id"])
+    t = live.read_live(uri, ["image_id", "run_id"])
     assert dict(zip(t.column("image_id").to_pylist(), t.column("run_id").to_pylist()))[9] == "r3"
     assert TableSnapshot(uri).n == 40
 
 
 def test_compaction_deletes_masked_rows_and_tombstones_and_keeps_the_live_view(masked_table):
     uri, _, _ = masked_table
-    before = tables.read_columns(uri).sort_by("image_id")
+    before = live.read_live(uri).sort_by("image_id")
     assert live.compact(uri) == 6  # 3 masked rows + 3 tombstones
     assert live.row_counts(uri) == (39, 0)
     assert not TableSnapshot(uri).tomb_paths
@@ -104,3 +104,14 @@ def test_compaction_deletes_masked_rows_and_tombstones_and_keeps_the_live_view(m
     assert raw.column("image_id").to_pylist() == before.column("image_id").to_pylist()
     assert raw.column("etag").to_pylist() == before.column("etag").to_pylist()
     assert live.compact(uri) == 0  # nothing left to compact
+
+
+def test_the_compact_command_leaves_live_rows_only(masked_table, tmp_path, capsys):
+    from sparse_embed.jobs.cli import main
+
+    uri, _, _ = masked_table
+    assert main(["compact", "--out", str(tmp_path)]) == 0
+    assert "3 tombstones and the 3 rows they masked deleted; 39 live rows" in capsys.readouterr().out
+    assert live.row_counts(uri) == (39, 0)
+    assert main(["compact", "--out", str(tmp_path / "nowhere")]) == 2
+    assert "No embeddings table" in capsys.readouterr().err

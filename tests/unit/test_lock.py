@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from sparse_embed.pipeline.store import lock as lock_mod
+from sparse_embed.pipeline.store import live, lock as lock_mod
 from sparse_embed.pipeline.store import tables
 from sparse_embed.pipeline.store.lock import LockHeld, LockLost, OutputLock, check_before_commit, output_lock
 
@@ -72,7 +72,7 @@ def test_a_failed_heartbeat_stops_the_next_commit(tmp_path, monkeypatch):
                                            r"unreachable\); it stopped before its next commit"):
             tables.append(uri, pa.table({"image_id": pa.array([2], pa.int64()),
                                          "embedding": pa.array([[1.0, 0.0]], pa.list_(pa.float32()))}), schema)
-    assert tables.read_columns(uri, ["image_id"]).column("image_id").to_pylist() == [1]
+    assert live.read_live(uri, ["image_id"]).column("image_id").to_pylist() == [1]
 
 
 def test_a_lock_taken_over_stops_the_next_commit(tmp_path):
@@ -88,7 +88,7 @@ def test_a_lock_taken_over_stops_the_next_commit(tmp_path):
             tables.append(uri, pa.table({"image_id": pa.array([2], pa.int64()),
                                          "embedding": pa.array([[1.0, 0.0]], pa.list_(pa.float32()))}), schema)
         other.release()
-    assert tables.read_columns(uri, ["image_id"]).column("image_id").to_pylist() == [1]
+    assert live.read_live(uri, ["image_id"]).column("image_id").to_pylist() == [1]
 
 
 def test_commits_outside_a_held_output_are_not_checked(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from sparse_embed.pipeline.embed.sink import EmbeddingTableSink, file_name, recover_pending
-from sparse_embed.pipeline.store import tables
+from sparse_embed.pipeline.store import live, tables
 
 DIM = 4
 
@@ -46,8 +46,8 @@ def test_a_retried_write_task_rewrites_the_same_file_and_recovery_commits_once(t
     assert [f.path for f in first.files] == [f.path for f in second.files]
     assert len(_markers(out)) == 2  # one embeddings file, one errors file: not four
     assert recover_pending(out, dim=DIM, model_version="mv-a") == 5
-    assert tables.read_columns(f"{out}/embeddings", ["uri"]).num_rows == 4
-    assert tables.read_columns(f"{out}/errors", ["uri"]).num_rows == 1
+    assert live.read_live(f"{out}/embeddings", ["uri"]).num_rows == 4
+    assert live.read_live(f"{out}/errors", ["uri"]).num_rows == 1
     assert _markers(out) == []
     assert recover_pending(out, dim=DIM, model_version="mv-a") == 0  # nothing left to commit
 
@@ -63,7 +63,7 @@ def test_recovery_skips_rows_already_in_the_table_and_files_of_another_model(tmp
     sink2.write([_block(["s3://b/1.jpg", "s3://b/2.jpg"])], SimpleNamespace(task_idx=0))
     sink2.write([_block(["s3://b/9.jpg"], model_version="mv-old")], SimpleNamespace(task_idx=1))
     assert recover_pending(out, dim=DIM, model_version="mv-a") == 1  # only 2.jpg is new
-    rows = tables.read_columns(f"{out}/embeddings", ["uri", "model_version"])
+    rows = live.read_live(f"{out}/embeddings", ["uri", "model_version"])
     assert sorted(rows.column("uri").to_pylist()) == ["s3://b/0.jpg", "s3://b/1.jpg", "s3://b/2.jpg"]
     assert set(rows.column("model_version").to_pylist()) == {"mv-a"}
     assert _markers(out) == []

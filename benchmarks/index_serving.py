@@ -185,7 +185,8 @@ def run(args) -> int:
             m = update_index(UpdateConfig(table, root))
             how = m["update"]["truth"] if "update" in m else f"rebuilt: {m['build'].get('rebuild_reason')}"
             updates.append({"changed": changed, "seconds": time.perf_counter() - t0, "truth": how,
-                            "recall": m["recall_at_10"], "params": m["search_params"]})
+                            "recall": m["recall_at_10"], "params": m["search_params"],
+                            "diff": (m.get("update") or {}).get("added_rows")})
             print(f"[bench index-serving] update {step}: {updates[-1]}", flush=True)
         t0 = time.perf_counter()
         ref = build_index(BuildConfig(table, f"{args.workdir}/rebuilt", **cfg))
@@ -220,11 +221,12 @@ def print_table(args, built, build_s, s, updates, rebuild_s, c) -> None:
           f"{s['rss_open_delta'] / max(1, s['index_bytes']):.3f} | {s['anon_after_queries'] / mib:.0f} MiB | "
           f"{s['file_after_queries'] / mib:.0f} MiB | {s['cold_p50']:.2f} | {s['cold_p99']:.2f} | {s['warm_p50']:.2f} | "
           f"{s['warm_p99']:.2f} | {s['params']} |")
-    print("\n| update | rows changed | seconds | / rebuild | ground truth | tuned recall@10 | params |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| update | rows changed | seconds | / rebuild | diff read from | ground truth | tuned recall@10 | params |")
+    print("|---|---|---|---|---|---|---|---|")
     for i, u in enumerate(updates, 1):
-        print(f"| {i} | {u['changed']} | {u['seconds']:.1f} | {u['seconds'] / rebuild_s:.3f} | {u['truth']} | "
-              f"{u['recall']:.4f} | {u['params']} |")
+        diff = u.get("diff") or {}
+        print(f"| {i} | {u['changed']} | {u['seconds']:.1f} | {u['seconds'] / rebuild_s:.3f} | "
+              f"{diff.get('read_from')} ({diff.get('files_read')} files) | {u['truth']} | {u['recall']:.4f} | {u['params']} |")
     print(f"\nrebuild of the same table version: {rebuild_s:.1f} s")
     print(f"recall@10 on 1000 new queries: updated {c['updated']:.4f}, rebuilt {c['rebuilt']:.4f} "
           f"(tuned: {c['updated_tuned']:.4f} / {c['rebuilt_tuned']:.4f}); same live ids: {c['same_ids']}")

@@ -194,3 +194,34 @@ def test_model_change_starts_a_new_version_and_keeps_the_old_queryable(day0):
     left = {p for p in storage.filesystem(out).find(staged) if not p.endswith("/")}  # SeaweedFS may keep folder entries
     active = {storage.strip_scheme(f) for f in tables.open_table(tables.table_uri(out, tables.EMBEDDINGS)).file_uris()}
     assert active and left == active, "promotion names the staged files (nothing copied) and leaves nothing else staged"
+
+
+def test_a_run_that_dies_after_masking_is_completed_by_the_next_without_masking_twice(day0, monkeypatch):
+    """The diff commits tombstones before anything is embedded: a run dying there leaves the
+    changed and deleted objects' rows masked and their replacements missing."""
+    from sparse_embed.pipeline.embed import run as run_mod
+
+    source, out = day0["source"], day0["out"]
+    emb_uri = tables.table_uri(out, tables.EMBEDDINGS)
+    keys = sorted(day0["objects"])
+    storage.put_many(source, {keys[2]: day0["objects"][keys[3]]})  # changed
+    storage.filesystem(source).rm_file(storage.strip_scheme(source + keys[6]))  # deleted
+
+    def die(*args, **kwargs):
+        raise RuntimeError("driver died in the embed stage")
+
+    monkeypatch.setattr(run_mod, "_embed_todo", die)
+    with pytest.raises(RuntimeError, match="driver died"):
+        run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
+    assert live.row_counts(emb_uri) == (N, 2)
+    assert source + keys[2] not in live.read_live(emb_uri, ["uri"]).column("uri").to_pylist()
+    monkeypatch.undo()
+
+    rerun = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
+    assert rerun["counts"]["processed"] == 1 and rerun["counts"]["masked_rows"] == 0, rerun["counts"]
+    assert live.row_counts(emb_uri) == (N + 1, 2), "nothing masked twice"
+    _assert_exactly_once(source, out)
+    index = ShardedIndex.open(f"{out}/index")
+    assert index.manifest["ntotal"] == N - 1 and index.manifest["table_version"] == tables.version_of(emb_uri)
+    settled = run_embed(EmbedConfig(source=source, out=out, spec=SPEC))
+    assert settled["counts"]["processed"] == 0 and settled["index_id"] is None

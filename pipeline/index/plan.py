@@ -269,10 +269,11 @@ def slice_count(n: int, per_slice: int, cpus: int, files: int, requested: int | 
 
 def nprobe_candidates(nlist: int, start: int | None = None) -> list[int]:
     """Powers of two up to nlist, then nlist itself (exhaustive). With `start` (an index
-    update: its parent's tuned nprobe) they begin at the largest power of two <= start / 2,
-    so an update that barely moved recall needs two or three probes, not log2(nlist)."""
+    update: its parent's tuned nprobe) they begin at the largest power of two <= start, so
+    an update that kept its parent's recall needs one probe, not log2(nlist). An update
+    never lowers nprobe below its parent's; the next rebuild tunes from 1 again."""
     out, p = [], 1
-    while start is not None and p * 4 <= start:
+    while start is not None and p * 2 <= start:
         p *= 2
     while p < nlist:
         out.append(p)

@@ -110,9 +110,9 @@ def read_truth(index_root: str, manifest: dict):
 
 
 def verify_and_tune(index_root: str, index_id: str, manifest: dict, queries, exact_ids, self_ids, target: float,
-                    exact_scores=None, start_nprobe: int | None = None) -> dict:
-    """Open the written index the way search does, tune it (from about start_nprobe / 2
-    up when given: tune.tune), record the result. `exact_ids` may hold more than
+                    exact_scores=None, start_nprobe: int | None = None, latency_repeats: int = 3) -> dict:
+    """Open the written index the way search does, tune it (from start_nprobe up when
+    given: tune.tune), record the result. `exact_ids` may hold more than
     RECALL_K + TIE_MARGIN neighbours per query (own ids dropped): the first
     RECALL_K + TIE_MARGIN tune."""
     exact_ids = exact_ids[:, :RECALL_K + TIE_MARGIN]
@@ -121,7 +121,7 @@ def verify_and_tune(index_root: str, index_id: str, manifest: dict, queries, exa
     index = ShardedIndex.open(index_root, index_id=index_id)
     result = tune(index, queries, exact_ids, nlist=manifest["plan"]["nlist"],
                   hnsw_quantizer=manifest["plan"]["hnsw_quantizer"], target=target, k=RECALL_K, self_ids=self_ids,
-                  exact_scores=exact_scores, start_nprobe=start_nprobe)
+                  exact_scores=exact_scores, start_nprobe=start_nprobe, latency_repeats=latency_repeats)
     manifest.update({k: result[k] for k in ("search_params", "recall_at_10")})
     manifest["tuning"] = result
     if not result["reached_target"]:

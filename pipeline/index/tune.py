@@ -92,11 +92,12 @@ def search_params_for(nprobe: int, hnsw_quantizer: bool) -> dict:
 
 
 def tune(index, queries, exact_ids, *, nlist: int, hnsw_quantizer: bool, target: float, k: int = 10,
-         self_ids=None, eval_fraction: float = 0.5, exact_scores=None, start_nprobe: int | None = None) -> dict:
+         self_ids=None, eval_fraction: float = 0.5, exact_scores=None, start_nprobe: int | None = None,
+         latency_repeats: int = 3) -> dict:
     """Pick the smallest nprobe reaching `target` recall@k on the first part of the
-    queries, trying from 1 up, or from about start_nprobe / 2 up (nprobe_candidates);
-    report recall and latency on the held-out rest. `index` has `.set_search_params(dict)`
-    and `.search_vectors(q, k)` (a ShardedIndex)."""
+    queries, trying from 1 up, or from start_nprobe up (nprobe_candidates); report recall
+    on the held-out rest and latency (best of `latency_repeats`). `index` has
+    `.set_search_params(dict)` and `.search_vectors(q, k)` (a ShardedIndex)."""
     import numpy as np
 
     n_eval = int(len(queries) * eval_fraction) if len(queries) > 1 else 0
@@ -124,7 +125,7 @@ def tune(index, queries, exact_ids, *, nlist: int, hnsw_quantizer: bool, target:
         params, reached = {}, True
     eval_part = split[1] if n_eval else split[0]
     recall = run(params, eval_part)
-    qps, ms = measure_latency(index, queries, k)
+    qps, ms = measure_latency(index, queries, k, repeats=latency_repeats)
     return {"search_params": params, "target_recall": target, "reached_target": bool(reached and recall >= target),
             "recall_at_10": recall, "tune_curve": [{"nprobe": p, "recall": r} for p, r in curve],
             "recall_queries": {"tune": n_tune, "eval": n_eval if n_eval else n_tune},

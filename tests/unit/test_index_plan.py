@@ -68,9 +68,10 @@ def test_train_size_bounds():
 def test_search_param_choice():
     assert nprobe_candidates(100) == [1, 2, 4, 8, 16, 32, 64, 100]
     # an update starts near its parent's nprobe: one step below it, so recall may also fall back
-    assert nprobe_candidates(1024, start=128) == [64, 128, 256, 512, 1024]
-    assert nprobe_candidates(100, start=100) == [32, 64, 100]
-    assert nprobe_candidates(100, start=1) == nprobe_candidates(100, start=3) == nprobe_candidates(100)
+    assert nprobe_candidates(1024, start=128) == [128, 256, 512, 1024]
+    assert nprobe_candidates(100, start=100) == [64, 100]
+    assert nprobe_candidates(100, start=3) == [2, 4, 8, 16, 32, 64, 100]
+    assert nprobe_candidates(100, start=1) == nprobe_candidates(100)
     assert nprobe_candidates(16, start=1000) == [16]
     assert pick_search_param([(1, 0.5), (2, 0.96), (4, 0.99)], 0.95) == (2, True)
     assert pick_search_param([(1, 0.5), (2, 0.9), (4, 0.9)], 0.95) == (2, False)

@@ -4,11 +4,11 @@ rebuild of the same table version (cost and results), in one run.
 
 Data: `benchmarks.index` tables (seeded vectors of low intrinsic dimension). A change
 replaces rows the way the embed job does: tombstones mask the rows, and they are appended
-again with a new etag and a new vector (same image_id). Two updates run one after the other: the first after a
-build brings no ground truth and scans the table for it; the second updates it from the
-changes alone. Searcher figures come from a fresh subprocess whose shard files were first
-dropped from the page cache (posix_fadvise DONTNEED): "cold" is the first pass of single
-queries, "warm" the second pass.
+again with a new etag and a new vector (same image_id). Two updates run one after the
+other, each bringing its parent's recall ground truth up to date from the changes alone (a
+build records its self queries' truth). Searcher figures come from a fresh subprocess whose
+shard files were first dropped from the page cache (posix_fadvise DONTNEED): "cold" is the
+first pass of single queries, "warm" the second pass.
 """
 from __future__ import annotations
 

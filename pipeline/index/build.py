@@ -56,7 +56,8 @@ from typing import Any
 
 from sparse_embed.pipeline.index.merge import merge_task
 from sparse_embed.pipeline.index.plan import IndexPlan, check_recall, parse_bytes, plan_index, slice_count, slice_plan
-from sparse_embed.pipeline.index.publish import new_index_id, publish, publish_empty, verify_and_tune, write_manifest
+from sparse_embed.pipeline.index.publish import (TRUTH_DEPTH, new_index_id, publish, publish_empty, verify_and_tune,
+                                                 write_manifest, write_truth)
 from sparse_embed.pipeline.index.snapshot import TableSnapshot, ids_schema, model_version_of, vectors_of
 from sparse_embed.pipeline.index.train import train_empty_index, use_two_level
 from sparse_embed.pipeline.index.tune import RECALL_K, RECALL_QUERIES, TIE_MARGIN, drop_self, exact_topk, merge_topk
@@ -337,8 +338,14 @@ def build_index(cfg: BuildConfig) -> dict | None:
     manifest["ntotal"] = ntotal
     write_manifest(index_dir, manifest)
     self_exact = _self_exact(exact_ids[nq:], exact_scores[nq:], q)
+    depth = RECALL_K + TIE_MARGIN
     self_recall = cluster.run(self_recall_task, cfg.index_root, index_id, manifest["search_params"], q.self_vectors,
-                              self_exact[0], q.self_ids, self_exact[1], memory=_open_memory(plan, snap.n))
+                              self_exact[0][:, :depth], q.self_ids, self_exact[1][:, :depth],
+                              memory=_open_memory(plan, snap.n))
+    # The self queries are rows of the final index and their lists cover the whole table
+    # version: the first update brings them up to date from its changes, without a table scan.
+    manifest["truth"] = dict(write_truth(index_dir, q.self_vectors, q.self_ids, self_exact[0], self_exact[1]),
+                             index_id=index_id)
     timings["self_recall_s"] = time.perf_counter() - t0
     manifest["recall"] = {"held_out": manifest["recall_at_10"], "self": self_recall,
                           "held_out_queries": manifest["tuning"]["recall_queries"]["eval"], "self_queries": len(q.self_ids),
@@ -380,7 +387,9 @@ class _Queries:
 
     @property
     def k_exact(self) -> int:
-        return RECALL_K + TIE_MARGIN + 1  # +1: a row query's own id, dropped afterwards
+        # TRUTH_DEPTH: the self queries' lists become the index's recorded ground truth, which
+        # updates keep exact by dropping removed ids (delta.update_truth); +1: a row query's own id
+        return TRUTH_DEPTH + 1
 
 
 def _sample(cluster: _Cluster, snap: TableSnapshot, count: int, seed: int):
@@ -423,12 +432,12 @@ def _recall_queries(cfg: BuildConfig, snap: TableSnapshot, plan: IndexPlan, clus
 
 
 def _self_exact(ids, scores, q: _Queries):
-    """Exact top-k of the self queries over the whole table: the slices' rows plus the
-    held-out rows (which the slices left out), own id dropped."""
+    """Exact top-TRUTH_DEPTH of the self queries over the whole table: the slices' rows plus
+    the held-out rows (which the slices left out), own id dropped."""
     if q.held_ids is not None:
         hi, hs = exact_topk(q.self_vectors, q.held_vectors, q.held_ids, q.k_exact)
         ids, scores = merge_topk([ids, hi], [scores, hs], q.k_exact)
-    return drop_self(ids, scores, q.self_ids, RECALL_K + TIE_MARGIN)
+    return drop_self(ids, scores, q.self_ids, TRUTH_DEPTH)
 
 
 def _open_memory(plan: IndexPlan, n: int) -> int:

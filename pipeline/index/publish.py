@@ -77,9 +77,10 @@ def publish(index_root: str, index_id: str) -> None:
 def write_truth(index_dir: str, queries, self_ids, exact_ids, exact_scores) -> dict:
     """Save recall queries and their exact neighbours in the index as written (own ids
     dropped) beside it, so the next update can bring them up to date from its changes alone
-    (delta.update_truth); returns the manifest's "truth" entry. An update writes one; a
-    build's tuning runs before its held-out rows join the index, so its lists do not fit
-    the final index and a build writes none."""
+    (delta.update_truth); returns the manifest's "truth" entry. An update writes one, and a
+    build writes its self queries' (rows of the final index, exact over the whole table;
+    its held-out queries were tuned on before those rows joined the index, so their lists
+    do not fit it)."""
     import io
 
     import numpy as np

@@ -219,11 +219,9 @@ def _diff_from_log(snap: TableSnapshot, parent_version: int | None, current):
     import numpy as np
     import pyarrow as pa
 
-    from sparse_embed.pipeline.store import live, tables
+    from sparse_embed.pipeline.store import live
 
-    if parent_version is None or parent_version >= snap.version:
-        return None
-    appended = tables.appended_files(snap.uri, parent_version, snap.version)
+    appended = _log_appends(snap, parent_version)
     if appended is None:
         return None
     data_files = set(snap.paths)
@@ -268,15 +266,21 @@ def _appended_since(snap: TableSnapshot, version: int | None) -> list[str] | Non
     nightly's new and changed rows are (its tombstone files are appends too, and are left
     out; a compaction's merge-delete rewrites files with old rows only). None when the log
     between the versions is not all appends and deletes."""
-    from sparse_embed.pipeline.store import tables
-
-    if version is None or version >= snap.version:
-        return None
-    appended = tables.appended_files(snap.uri, version, snap.version)
+    appended = _log_appends(snap, version)
     if appended is None:
         return None
     data_files = set(snap.paths)
     return [p for p in appended if p in data_files]
+
+
+def _log_appends(snap: TableSnapshot, version: int | None) -> list[str] | None:
+    """Every file (data and tombstone) that append commits added after `version` up to the
+    snapshot's (tables.appended_files); None when the log cannot tell or there is no span."""
+    from sparse_embed.pipeline.store import tables
+
+    if version is None or version >= snap.version:
+        return None
+    return tables.appended_files(snap.uri, version, snap.version)
 
 
 def _added_rows(snap: TableSnapshot, parent_version: int | None, added):
@@ -384,7 +388,8 @@ def _updated_truth(cfg: UpdateConfig, cm: dict, snap: TableSnapshot, removed, ad
     """(queries, self_ids, exact_ids, exact_scores, how) for the updated index: the parent's
     ground truth brought up to date from the removed and added rows alone when enough of
     each list survives ("from the changes"), else exact search over the whole table version
-    in Ray tasks ("table scan": the first update after a build, which records no truth)."""
+    in Ray tasks ("table scan": an index that records no truth, e.g. one built before builds
+    recorded theirs)."""
     import numpy as np
 
     need = RECALL_K + TIE_MARGIN

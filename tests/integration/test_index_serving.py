@@ -57,7 +57,7 @@ def test_updates_write_a_delta_and_a_deletion_set_and_equal_a_rebuild(ray_local,
     write_table(table, unit_vectors(100, d, seed=32), np.arange(5000, 5100, dtype="int64"), files=1)
     tables.delete_matching(table, pa.table({"image_id": pa.array(np.arange(0, 100, 2), pa.int64())}), on=("image_id",))
     one = update_index(UpdateConfig(table, root))
-    assert one["update"]["truth"] == "table scan"  # a build records no ground truth for its final index
+    assert one["update"]["truth"] == "from the changes"  # the build recorded its self queries' ground truth
     # the added rows come from the one file appended since (the merge-delete's rewrites hold old rows only)
     assert one["update"]["added_rows"] == {"read_from": "appended", "files_read": 1}
 

@@ -122,14 +122,8 @@ def test_an_update_over_tombstones_reads_only_the_log_and_equals_a_rebuild(ray_l
     m = update_index(UpdateConfig(table, root))
     assert m["update"]["added_rows"] == {"read_from": "log", "files_read": 3}  # the tombstones and two appends
     assert (m["update"]["removed"], m["update"]["added"], m["ntotal"]) == (300, 400, 1600)
-    updated = ShardedIndex.open(root)
+    updated = _assert_searches_like_a_rebuild(root, table, ref_root, d)
     np.testing.assert_array_equal(updated.live_ids(), _table_ids(table))
-    rebuilt = ShardedIndex.open(ref_root, index_id=build_index(BuildConfig(table, ref_root, shards=2))["index_id"])
-    queries = unit_vectors(50, d, seed=9)
-    got_ids, got_scores = updated.search_vectors(queries, 10)
-    want_ids, want_scores = rebuilt.search_vectors(queries, 10)
-    np.testing.assert_array_equal(got_ids, want_ids)
-    np.testing.assert_allclose(got_scores, want_scores, rtol=0, atol=1e-6)
     assert updated.uri_of(1001) == "s3://b/img_1001.jpg" and updated.uri_of(0) is None
 
     # A second night changes rows the first update put in the delta shard; then a
@@ -147,9 +141,17 @@ def test_an_update_over_tombstones_reads_only_the_log_and_equals_a_rebuild(ray_l
     m2 = update_index(UpdateConfig(table, root, delta_max_fraction=1.0))  # 700 delta + deleted rows of 1500: no rebuild
     assert m2["update"]["added_rows"]["read_from"] == "log" and m2["ntotal"] == 1600
     assert (m2["update"]["removed"], m2["update"]["added"]) == (3, 3)
+    _assert_searches_like_a_rebuild(root, table, ref_root, d)
+
+
+def _assert_searches_like_a_rebuild(root, table, ref_root, d):
+    """The current index at `root` finds what a flat rebuild of the table's latest version
+    finds, ids and scores; returns the opened index."""
     updated = ShardedIndex.open(root)
     rebuilt = ShardedIndex.open(ref_root, index_id=build_index(BuildConfig(table, ref_root, shards=2))["index_id"])
+    queries = unit_vectors(50, d, seed=9)
     got_ids, got_scores = updated.search_vectors(queries, 10)
     want_ids, want_scores = rebuilt.search_vectors(queries, 10)
     np.testing.assert_array_equal(got_ids, want_ids)
     np.testing.assert_allclose(got_scores, want_scores, rtol=0, atol=1e-6)
+    return updated

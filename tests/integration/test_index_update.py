@@ -47,15 +47,8 @@ def test_flat_update_equals_a_rebuild_then_growth_rebuilds(ray_local, bucket):
     assert m["update"] == dict(m["update"], parent=first["index_id"], removed=300, added=400)
     assert "rebuild_reason" not in m["build"] and current_index_id(root) == m["index_id"] != first["index_id"]
     assert m["ntotal"] == 1600 and m["table_version"] == tables.version_of(table) and m["recall_at_10"] == 1.0
-    updated = ShardedIndex.open(root)
+    updated = _assert_searches_like_a_rebuild(root, table, ref_root, d)
     np.testing.assert_array_equal(updated.live_ids(), _table_ids(table))
-
-    rebuilt = ShardedIndex.open(ref_root, index_id=build_index(BuildConfig(table, ref_root, shards=2))["index_id"])
-    queries = unit_vectors(50, d, seed=9)
-    got_ids, got_scores = updated.search_vectors(queries, 10)
-    want_ids, want_scores = rebuilt.search_vectors(queries, 10)
-    np.testing.assert_array_equal(got_ids, want_ids)
-    np.testing.assert_allclose(got_scores, want_scores, rtol=0, atol=1e-6)
     assert updated.uri_of(1001) == "s3://b/img_1001.jpg"
 
     from sparse_embed.jobs.cli import main

@@ -16,8 +16,8 @@ outside this tool must do the same (README, "What it writes"), or read the table
 
 Compaction (`compact`) deletes the masked rows and their tombstones in one merge-delete
 commit; a run compacts when tombstones reach COMPACT_FRACTION of the data rows, so at 1%
-changed a night the table is rewritten about every 20 nights (about 5% of its bytes a
-night on average), not every night.
+of objects changed a night (0.75% of rows masked) the table is rewritten about every 27
+nights, not every night (BENCHMARKS.md, "Scale").
 """
 from __future__ import annotations
 

@@ -52,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run even when SOURCE lists no matching object: every row of the table is then deleted "
                         "(without it, an empty SOURCE is an error, so a wrong prefix never empties the table)")
     add_lock_arguments(g)
+    g.add_argument("--deletion-vectors", action="store_true",
+                   help="a new embeddings table removes changed and deleted rows with Delta deletion vectors instead of "
+                        "rewriting their files (for big tables; readers without deletion-vector support then refuse "
+                        "the table). An existing table is upgraded with `sparse-embed enable-deletion-vectors`")
     g.add_argument("--no-index", dest="build_index", action="store_false", help="skip the final index build stage")
     g.add_argument("--index-shards", type=positive_int, default=None, help="index shards (default: one per CPU, at most one per table file)")
 
@@ -66,7 +70,7 @@ def run(args) -> int:
         glob=args.glob, decode_batch_size=args.decode_batch_size, embed_batch_size=args.batch_size, rows_per_file=args.rows_per_file, compile=args.compile,
         actors=args.actors, actor_cpus=args.actor_cpus, decode=args.decode, actor_wait_s=args.actor_wait, max_pixels=args.max_pixels, formats=tuple(args.formats),
         max_error_rate=args.max_error_rate, max_attempts=args.max_attempts, build_index=args.build_index, index_shards=args.index_shards,
-        lock_wait_s=args.wait, inventory=args.inventory,
+        lock_wait_s=args.wait, inventory=args.inventory, deletion_vectors=args.deletion_vectors,
     )
     check_inputs(cfg, allow_empty=args.allow_empty_source)
     result = run_embed(cfg)

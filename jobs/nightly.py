@@ -45,7 +45,7 @@ def run(args) -> int:
         decode=cfg.decode, actor_wait_s=cfg.actor_wait_s,
         max_error_rate=cfg.max_error_rate, max_attempts=cfg.max_attempts, build_index=cfg.index,
         index_shards=cfg.index_shards, compile=cfg.compile, rows_per_file=cfg.rows_per_file, formats=tuple(cfg.formats),
-        lock_ttl_s=cfg.lock_ttl_s, lock_wait_s=args.wait, inventory=cfg.inventory,
+        lock_ttl_s=cfg.lock_ttl_s, lock_wait_s=args.wait, inventory=cfg.inventory, deletion_vectors=cfg.deletion_vectors,
     )
     # run_embed holds the output lock: LockHeld / LockLost become exit 3 in the CLI.
     result = run_embed(embed_cfg)

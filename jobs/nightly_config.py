@@ -34,6 +34,7 @@ max_attempts: 3                   # failures at one ETag before an object is lef
 lock_ttl_s: 900                   # a lock without heartbeat for this long is stale
 index: true                       # update the index after embedding
 allow_empty_source: false         # true: a source listing no matching object empties the table
+deletion_vectors: false           # true: a new table removes rows with Delta deletion vectors (not copy-on-write)
 inventory: null                   # s3://.../manifest.json of an S3 Inventory report (CSV or Parquet) to use as the listing
 """
 
@@ -66,6 +67,7 @@ class NightlyConfig:
     index_shards: int | None = None
     allow_empty_source: bool = False  # true: a source with no matching object empties the table instead of failing
     inventory: str | None = None  # an S3 Inventory manifest.json read as the listing instead of listing the source
+    deletion_vectors: bool = False  # as `embed --deletion-vectors`
 
 
 _TYPES = {f.name: f.type for f in dataclasses.fields(NightlyConfig)}
@@ -95,7 +97,7 @@ def parse(doc) -> NightlyConfig:
         _check("model_args", doc["model_args"], "a mapping of create-model keywords", isinstance(doc["model_args"], dict))
     if "pool" in doc:
         _check("pool", doc["pool"], f"one of {list(POOLS)}", doc["pool"] in POOLS)
-    for name in ("fuse_last_two", "index", "compile", "allow_empty_source"):
+    for name in ("fuse_last_two", "index", "compile", "allow_empty_source", "deletion_vectors"):
         if name in doc:
             _check(name, doc[name], "true or false", isinstance(doc[name], bool))
     if "extensions" in doc:

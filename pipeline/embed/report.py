@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sparse_embed.pipeline.store import storage
 
@@ -60,8 +60,10 @@ class RunFacts:
     versions_after: dict  # table -> Delta version of <out>'s tables after the run
     promoted: bool  # staged tables of a new model_version replaced <out>'s
     index_id: str | None  # the index published by this run; None when none was due or the table is empty
-    masked: int = 0  # embedding rows this run's diff masked with tombstones (changed and deleted objects)
-    compacted: int = 0  # rows (masked rows and tombstones) this run's compaction deleted; 0 when none was due
+    removed: int = 0  # embedding rows of changed and deleted objects this run's diff removed
+    removal: dict = field(default_factory=dict)  # how: mechanism, files touched / rewritten, bytes written
+    compacted: int = 0  # deleted rows a compaction dropped from rewritten files; 0 when none was due
+    converted: int = 0  # rows a table from before 2026-12 masked with tombstones, removed by this run
 
 
 def busy_report(embed_seconds: dict, pool: dict, stage_s: float) -> dict:
@@ -92,7 +94,9 @@ def build_report(cfg, enc, facts: RunFacts) -> dict:
                               "failed_object": sum(f.failed_by_kind.get("object", {}).values()),
                               "failed_infrastructure": sum(f.failed_by_kind.get("infrastructure", {}).values()),
                               "failed_infrastructure_by_reason": f.failed_by_kind.get("infrastructure", {}),
-                              "recovered_rows": f.recovered, "masked_rows": f.masked, "compacted_rows": f.compacted},
+                              "recovered_rows": f.recovered, "removed_rows": f.removed, "compacted_rows": f.compacted,
+                              "converted_rows": f.converted},
+        "removal": f.removal,
         "error_rate": (f.failed_first / f.first_tries) if f.first_tries else 0.0,
         "actor_pool": f.pool,
         "embed_busy": busy_report(f.embed_seconds, f.pool, f.embed_stage_s),

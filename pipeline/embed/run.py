@@ -2,8 +2,9 @@
 
 Every listed object ends as exactly one live row of `embeddings` or one row of `errors`:
 1. files an earlier, killed run wrote but never committed are committed (recover);
-2. rows whose (uri, etag) no longer matches the listing are masked by tombstones (one
-   append; store/live.py), and error rows of objects about to be retried are deleted;
+2. rows whose (uri, etag) no longer matches the listing are removed (one commit, by the
+   table's mechanism: copy-on-write or deletion vectors; store/removal.py), and error
+   rows of objects about to be retried are deleted;
 3. objects not yet embedded at their current etag are processed; the sink commits them
    (one commit per table).
 A crash between any two commits leaves a state the next run completes.
@@ -59,6 +60,7 @@ class EmbedConfig:
     parallel_listing: bool = True  # Ray tasks list key ranges (S3) or first-level directories (local)
     inventory: str | None = None  # an S3 Inventory manifest.json to read as the listing instead of listing SOURCE
     build_index: bool = True
+    deletion_vectors: bool = False  # a new embeddings table removes rows with deletion vectors (store/removal.py)
     index_shards: int | None = None
     lock_ttl_s: float = 600.0  # a dead run's output lock expires this long after its last heartbeat
     lock_wait_s: float = 0.0  # wait this long for another run's lock before failing with LockHeld
@@ -162,6 +164,23 @@ def _drop_staging_state(root: str) -> None:
         pass
 
 
+def choose_removal(root: str, dim: int, *, deletion_vectors: bool) -> None:
+    """With `deletion_vectors`, create root's embeddings table with them; an existing
+    copy-on-write table is not upgraded behind the user's back (it cannot be undone)."""
+    from sparse_embed.pipeline.store import delta_log
+
+    if not deletion_vectors:
+        return
+    uri = tables.table_uri(root, tables.EMBEDDINGS)
+    dt = tables.open_table(uri)
+    if dt is None:
+        tables.ensure_table(uri, tables.embeddings_schema(dim))
+        delta_log.enable_deletion_vectors(uri)
+    elif not delta_log.uses_deletion_vectors(dt):
+        raise ValueError(f"--deletion-vectors: {uri} already removes rows copy-on-write; upgrade it with "
+                         f"`sparse-embed enable-deletion-vectors --out OUT` (cannot be undone), or drop the option")
+
+
 def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tuple[int, dict, dict, dict]:
     """Run Ray Data over `todo`; returns (rows embedded, actor pool, forward-pass seconds by
     actor, the write tasks' tally of failures: sink.tally_failures).
@@ -241,8 +260,8 @@ def _table_versions(root: str) -> dict:
 
 def _diff_and_clear(cfg: EmbedConfig, root: str, enc, listed):
     """The diff of `listed` against root's tables, in Ray tasks over hash(uri) buckets
-    (todo.py); masks the stale embedding rows with tombstones (one append; compacts when
-    due), deletes the error rows about to be retried and commits the new image_ids.
+    (todo.py); removes the stale embedding rows (one commit; a deletion-vector table
+    compacts when due), deletes the error rows about to be retried and commits the new image_ids.
     Returns the todo.TodoParts."""
     from sparse_embed.pipeline.embed.todo import build_todo
 
@@ -287,6 +306,7 @@ def _run_embed_locked(cfg: EmbedConfig) -> dict:
     with timer.stage("load encoder"):
         enc = create_encoder(EncoderSpec.from_dict(cfg.spec))
     root = choose_data_root(cfg.out, enc)
+    choose_removal(root, enc.dim, deletion_vectors=cfg.deletion_vectors)
     versions_before = _table_versions(root)
     with timer.stage("recover"):
         recovered = recover_pending(root, dim=enc.dim, model_version=enc.model_version)
@@ -316,7 +336,8 @@ def _run_embed_locked(cfg: EmbedConfig) -> dict:
     result = report.build_report(cfg, enc, report.RunFacts(
         counts=todo.counts, processed=todo.num_rows, first_tries=todo.first_tries,
         embedded=embedded, failed_by_reason=failed_by_reason, failed_by_kind=failed_by_kind, failed_first=failed_first,
-        recovered=recovered, masked=todo.tombstones, compacted=todo.compacted,
+        recovered=recovered, removed=todo.removed, removal=todo.removal, compacted=todo.compacted,
+        converted=todo.converted,
         pool=pool, embed_seconds=embed_seconds, embed_stage_s=timer.seconds(EMBED_STAGE), timings_s=timer.as_dict(),
         wall_s=time.time() - started, versions_before=versions_before, versions_after=_table_versions(cfg.out),
         promoted=promoted, index_id=index_id))

@@ -264,7 +264,9 @@ def recover_pending(root: str, *, dim: int, model_version: str) -> int:
         mine = [(f, rows) for f, rows in keep if f.table == name]
         if not mine:
             continue
-        have = live.read_live(tables.table_uri(root, name), ["uri", "etag"])  # a masked row is not held
+        uris = sorted({u for _, rows in mine for u in rows.column("uri").to_pylist()})
+        # only these URIs' live rows, from the files whose uri bounds can hold them
+        have = live.read_live(tables.table_uri(root, name), ["uri", "etag"], where={"uri": uris})
         held = set(zip(have.column("uri").to_pylist(), have.column("etag").to_pylist())) if have is not None else set()
         ready = []
         for f, rows in mine:

@@ -4,19 +4,21 @@ hash(uri) buckets (buckets.py). The driver holds file paths, versions and counts
 1. partition: tasks read the listing, embeddings, errors and image_ids files (a table
    version's data files) in groups and write each row's (needed columns) into
    <work>/<table>/b=<bucket>/ (one file per group and bucket);
-2. diff: one task per bucket drops the embedded rows its tombstones mask (live.py), joins
-   its parts (buckets.diff_bucket) and writes the bucket's todo rows, a tombstone file
-   (uncommitted, in the embeddings table's directory) for its stale embedding rows, and
-   the error keys to clear; it returns counts, the number of URIs without an id and the
-   largest id it saw;
+2. diff: one task per bucket joins its parts (buckets.diff_bucket; embedded rows are read
+   live, through store/live.py, with their file and physical row position) and writes
+   the bucket's todo rows, the positions of its stale embedding rows (grouped by a hash
+   of their file) and the error keys to clear; it returns counts, the number of URIs
+   without an id and the largest id it saw;
 3. ids: the driver turns the per-bucket counts into a prefix sum after the largest id ever
    given; one task per bucket with new URIs fills in its block of ids and writes them as
    an uncommitted file of <out>/image_ids, committed by the driver in one append before
    any embedding is written (a crash after it leaves ids the next run reuses);
-4. commits: the tombstones in one append to the embeddings table (no data file is read or
-   rewritten: O(changed)), then a compaction when tombstones reach
-   live.COMPACT_FRACTION of the rows (a merge-delete in a Ray task), the error keys'
-   merge-delete, and the new ids;
+4. commits: the stale rows removed from the embeddings table in one commit, by the
+   table's mechanism (store/removal.py: copy-on-write rewrites of the files that hold
+   them, or deletion vectors), in Ray tasks per group of files; a deletion-vector table
+   then compacts the files whose deleted share reaches removal.COMPACT_FRACTION; then the
+   error keys' merge-delete and the new ids. A table written before 2026-12 has its
+   tombstones converted first (removal.convert_tombstones);
 5. the embed stage reads the todo files in Ray Data read tasks (todo_source.py), in
    blocks of about one decode batch.
 <work> is <out>/_work/<run_id>/. A run removes all of <out>/_work before its diff and after
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 
 from sparse_embed.pipeline.embed import buckets
 from sparse_embed.pipeline.embed.todo_source import TODO_ROW_GROUP
-from sparse_embed.pipeline.store import live, storage, tables
+from sparse_embed.pipeline.store import live, removal, storage, tables
 from sparse_embed.pipeline.store.lock import owner_for_tasks
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,7 @@ log = logging.getLogger(__name__)
 FILES_PER_PARTITION_TASK = 8  # input files one partition task reads (Delta files of <= ~8k-1M rows each)
 INPUTS = {  # work-directory name -> (table, columns)
     "listed": (tables.LISTING, ["uri", "etag", "size", "mtime"]),
-    "embedded": (tables.EMBEDDINGS, ["uri", "etag", "model_version", "image_id", "run_id"]),  # data files
-    "masked": (tables.EMBEDDINGS, ["uri", "image_id", "run_id"]),  # tombstone files
+    "embedded": (tables.EMBEDDINGS, ["uri", "etag", "model_version", "image_id", "run_id"]),  # + _file, _row
     "errors": (tables.ERRORS, ["uri", "etag", "attempts"]),
     "ids": (tables.IMAGE_IDS, ["uri", "image_id"]),
 }
@@ -51,8 +52,10 @@ class TodoParts:
     num_rows: int
     first_tries: int  # todo rows never tried before at their etag
     counts: dict = field(default_factory=dict)  # the diff's counts, summed over buckets
-    tombstones: int = 0  # embedding rows masked by this diff
-    compacted: int = 0  # rows (masked rows and tombstones) a compaction deleted; 0 when none ran
+    removed: int = 0  # embedding rows of changed and deleted objects this diff removed
+    removal: dict = field(default_factory=dict)  # mechanism, files touched and rewritten, bytes written
+    compacted: int = 0  # deleted rows a compaction dropped from rewritten files; 0 when none ran
+    converted: int = 0  # rows masked by tombstones of an older table, removed in its conversion
 
     def schema(self):
         """The todo files' Arrow schema (image_id, uri, etag, size, mtime, attempts), from
@@ -83,17 +86,23 @@ def _table_files(uri: str, version: int | None = None) -> list[str]:
     return [] if dt is None else list(dt.file_uris())
 
 
-def partition_files(files: list[str], columns: list[str], n: int, dest: str, tag: str) -> dict:
+def partition_files(files: list, columns: list[str], n: int, dest: str, tag: str, table_uri: str | None = None) -> dict:
     """Partition task: rows of `files` (their `columns`) into dest/b=<bucket>/<tag>.parquet.
+    `files` are paths, or live.DataFile of `table_uri`, whose live rows are read with
+    their file (`_file`) and physical position (`_row`).
     Returns {"rows": rows read, "model_versions": the distinct model_version values, if read}."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    fs, _ = storage.arrow_filesystem(files[0])
     parts = []
     for f in files:
+        if isinstance(f, live.DataFile):
+            t = live.read_file(table_uri, f, columns, positions=True)
+            parts.append(t.append_column("_file", pa.array([f.path] * t.num_rows, pa.string())))
+            continue
+        fs, _ = storage.arrow_filesystem(f)
         with fs.open_input_file(storage.strip_scheme(f)) as src:
             parts.append(tables.plain_strings(pq.read_table(src, columns=columns)))
     table = pa.concat_tables(parts, promote_options="permissive")
@@ -110,13 +119,13 @@ def partition_files(files: list[str], columns: list[str], n: int, dest: str, tag
     return {"rows": table.num_rows, "model_versions": versions}
 
 
-def _read_bucket(work: str, name: str, k: int):
+def _read_bucket(work: str, name: str, k: int, prefix: str = "b"):
     """All rows of bucket k of one input, or None when it has none."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs = storage.filesystem(work)
-    base = storage.strip_scheme(storage.join(work, name, f"b={k:05d}"))
+    base = storage.strip_scheme(storage.join(work, name, f"{prefix}={k:05d}"))
     try:
         paths = sorted(p for p in fs.ls(base, detail=False) if p.endswith(".parquet"))
     except FileNotFoundError:
@@ -129,30 +138,51 @@ def _read_bucket(work: str, name: str, k: int):
     return pa.concat_tables(parts, promote_options="permissive") if parts else None
 
 
-def diff_task(work: str, k: int, max_attempts: int, emb_uri: str, emb_schema, run_id: str) -> dict:
+def diff_task(work: str, k: int, max_attempts: int, file_buckets: int) -> dict:
     """Diff task of bucket k: writes todo (image_id null for URIs without one) and clear
-    files under <work>, and the tombstones of its stale embedding rows as an uncommitted
-    file of `emb_uri` (returned as "tombstone_file": (path, bytes, rows, stats), or None);
-    returns counts and sizes. Safe to repeat (same names)."""
+    files under <work>, and the (_file, _row) of its stale embedding rows under
+    <work>/stale/f=<hash of _file mod file_buckets>/; returns counts and sizes. Safe to
+    repeat (same names)."""
+    import numpy as np
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     listed = _read_bucket(work, "listed", k)
-    embedded, masked, errors, ids = (_read_bucket(work, name, k) for name in ("embedded", "masked", "errors", "ids"))
+    embedded, errors, ids = (_read_bucket(work, name, k) for name in ("embedded", "errors", "ids"))
     if listed is None:
         listed = _empty_listing()
-    if embedded is not None:
-        embedded = live.live_rows(embedded, masked)
     d = buckets.diff_bucket(listed, embedded, errors, ids, max_attempts=max_attempts)
     out = {"k": k, "counts": d.counts, "new_uris": d.new_uris, "todo_rows": d.todo.num_rows,
            "first_tries": int(pc.sum(pc.equal(d.todo.column("attempts"), 0)).as_py() or 0) if d.todo.num_rows else 0,
            "max_id": int(pc.max(ids.column("image_id")).as_py()) if ids is not None and ids.num_rows else -1,
-           "stale": d.stale_embeddings.num_rows, "clear": d.clear_errors.num_rows, "tombstone_file": None}
+           "stale": d.stale_embeddings.num_rows, "clear": d.clear_errors.num_rows, "stale_buckets": []}
     for name, table in (("todo", d.todo), ("clear", d.clear_errors)):
         if table.num_rows:
             tables.write_parquet_file(work, f"{name}/part-b{k:05d}.parquet", table, row_group_size=TODO_ROW_GROUP)
     if d.stale_embeddings.num_rows:
-        out["tombstone_file"] = live.write_tombstones(emb_uri, d.stale_embeddings, emb_schema, run_id, k)
+        stale = d.stale_embeddings.select(["_file", "_row"])
+        fb = buckets.bucket_of(stale.column("_file"), file_buckets)
+        for m in np.unique(fb):
+            part = stale.filter(pa.array(fb == m))
+            tables.write_parquet_file(work, f"stale/f={int(m):05d}/part-b{k:05d}.parquet", part)
+            out["stale_buckets"].append(int(m))
     return out
+
+
+def stale_removal_task(work: str, m: int, files: dict, table_uri: str, tag: str, mechanism: str, out: str,
+                       owner: str | None) -> dict:
+    """Removal task of file bucket m: reads the stale positions the diff tasks wrote under
+    <work>/stale/f=<m>/, groups them by file and removes them (removal.removal_task:
+    a copy-on-write rewrite or a new deletion vector per file). `files`: path -> DataFile
+    of the bucket's files. Returns the actions and figures for the commit."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    stale = _read_bucket(work, "stale", m, prefix="f")
+    paths = pc.unique(stale.column("_file")).to_pylist()
+    positions = [np.sort(stale.filter(pc.equal(stale.column("_file"), p)).column("_row").to_numpy()).astype(np.int64)
+                 for p in paths]
+    return removal.removal_task(table_uri, [files[p] for p in paths], positions, tag, mechanism, out, owner)
 
 
 def _empty_listing():
@@ -180,34 +210,37 @@ def ids_task(work: str, k: int, start: int, ids_uri: str, run_id: str) -> tuple:
 
 def build_todo(*, out: str, root: str, listed, run_id: str, model_version: str, max_attempts: int, dim: int) -> TodoParts:
     """Steps 1-4 (module docstring) for `listed` (a listing.Listed) against root's tables and
-    <out>/image_ids: masks the stale embedding rows (one append of tombstones; `dim` is the
-    table's), compacts when due, deletes the error rows about to be retried, and commits
-    the new ids (one append)."""
+    <out>/image_ids: removes the stale embedding rows (one commit, by the table's
+    mechanism; `dim` is the table's), compacts a deletion-vector table when due, deletes
+    the error rows about to be retried, and commits the new ids (one append)."""
     import ray
 
     remove_work(out)
     work = work_dir(out, run_id)
     emb_uri = tables.table_uri(root, tables.EMBEDDINGS)
-    emb_files, tomb_files = live.split_files(_table_files(emb_uri))
-    files = {"listed": _table_files(listed.table_uri, listed.version), "embedded": emb_files, "masked": tomb_files,
+    owner = owner_for_tasks(out)
+    converted = removal.convert_tombstones(emb_uri, tag=f"{run_id}-convert", out=out, owner=owner) \
+        if tables.open_table(emb_uri) is not None else None
+    emb = live.table_files(emb_uri)
+    emb_files = emb.files if emb is not None else []
+    files = {"listed": _table_files(listed.table_uri, listed.version), "embedded": emb_files,
              "errors": _table_files(tables.table_uri(root, tables.ERRORS)),
              "ids": _table_files(tables.table_uri(out, tables.IMAGE_IDS))}
-    emb_rows = tables.count_rows(emb_uri)
+    emb_rows = emb.live_rows if emb is not None else 0
     n = buckets.n_buckets(max(listed.num_rows, emb_rows))
+    file_buckets = max(1, min(REMOVAL_TASKS_MAX, -(-len(emb_files) // FILES_PER_PARTITION_TASK)))
     part = ray.remote(num_cpus=0.5)(partition_files)
     jobs = []
     for name, fs_ in files.items():
         for i in range(0, len(fs_), FILES_PER_PARTITION_TASK):
             jobs.append((name, part.remote(fs_[i: i + FILES_PER_PARTITION_TASK], INPUTS[name][1], n,
-                                           storage.join(work, name), f"{i // FILES_PER_PARTITION_TASK:06d}")))
+                                           storage.join(work, name), f"{i // FILES_PER_PARTITION_TASK:06d}", emb_uri)))
     versions = set()
     for name, ref in jobs:
         versions.update(v for v in ray.get(ref)["model_versions"] if v is not None)
     if versions and versions != {model_version}:
         raise RuntimeError(f"{emb_uri} mixes model versions: refusing to add to it")
-    emb_schema = tables.embeddings_schema(dim)
-    diffs = ray.get([ray.remote(num_cpus=0.5)(diff_task).remote(work, k, max_attempts, emb_uri, emb_schema, run_id)
-                     for k in range(n)])
+    diffs = ray.get([ray.remote(num_cpus=0.5)(diff_task).remote(work, k, max_attempts, file_buckets) for k in range(n)])
     counts = {key: sum(d["counts"][key] for d in diffs) for key in diffs[0]["counts"]}
 
     ids_uri = tables.table_uri(out, tables.IMAGE_IDS)
@@ -216,40 +249,55 @@ def build_todo(*, out: str, root: str, listed, run_id: str, model_version: str, 
     id_files = ray.get([ray.remote(num_cpus=0.5)(ids_task).remote(work, d["k"], s, ids_uri, run_id)
                         for d, s in zip(diffs, starts) if d["new_uris"]])
 
-    owner = owner_for_tasks(out)
-    tomb_commit = [d["tombstone_file"] for d in diffs if d["tombstone_file"]]
-    if tomb_commit:
-        tables.commit_files(emb_uri, tomb_commit, emb_schema)
-    compacted = _compact_if_due(emb_uri, owner, out)
+    removed = _remove_stale(work, emb, sorted({m for d in diffs for m in d["stale_buckets"]}), file_buckets, run_id,
+                            out, owner) if any(d["stale"] for d in diffs) else None
+    compacted = _compact_if_due(emb_uri, owner, out, run_id)
     _delete_keys(work, "clear", tables.table_uri(root, tables.ERRORS), [d for d in diffs if d["clear"]], owner, out)
     if id_files:
         tables.commit_files(ids_uri, id_files, tables.image_ids_schema())
     with_todo = [d for d in diffs if d["todo_rows"]]
     paths = [storage.join(work, "todo", f"part-b{d['k']:05d}.parquet") for d in with_todo]
     return TodoParts(paths, [d["todo_rows"] for d in with_todo], sum(d["todo_rows"] for d in diffs),
-                     sum(d["first_tries"] for d in diffs), counts, tombstones=sum(f[2] for f in tomb_commit),
-                     compacted=compacted)
+                     sum(d["first_tries"] for d in diffs), counts, removed=removed.rows if removed else 0,
+                     removal=_removal_figures(removed), compacted=compacted, converted=converted.rows if converted else 0)
 
 
-def _compact_if_due(emb_uri: str, owner: str | None, out: str) -> int:
-    """Compact the embeddings table in a Ray task when its tombstones reach
-    live.COMPACT_FRACTION of its data rows (counts from the log). Returns the rows deleted."""
+REMOVAL_TASKS_MAX = 256  # file buckets of the stale positions: at most this many removal tasks
+
+
+def _removal_figures(rem) -> dict:
+    if rem is None:
+        return {}
+    return {"mechanism": rem.mechanism, "files_touched": rem.files_touched, "files_rewritten": rem.files_rewritten,
+            "bytes_written": rem.bytes_written, "version": rem.version}
+
+
+def _remove_stale(work: str, emb, stale_buckets: list[int], file_buckets: int, run_id: str, out: str, owner):
+    """Remove the stale rows the diff tasks wrote, one Ray task per file bucket, in one commit."""
+    import pyarrow as pa
     import ray
 
-    data_rows, tomb_rows = live.row_counts(emb_uri)
-    if not live.needs_compaction(data_rows, tomb_rows):
+    by_bucket: dict = {}
+    fb = buckets.bucket_of(pa.array([f.path for f in emb.files], pa.string()), file_buckets) if emb.files else []
+    for f, m in zip(emb.files, fb):
+        by_bucket.setdefault(int(m), {})[f.path] = f
+    mech = removal.DELETION_VECTORS if emb.deletion_vectors else removal.COPY_ON_WRITE
+    task = ray.remote(num_cpus=0.5)(stale_removal_task)
+    results = ray.get([task.remote(work, m, by_bucket.get(m, {}), emb.uri, run_id, mech, out, owner)
+                       for m in stale_buckets])
+    return removal.commit_removal(emb.uri, emb.version, results, mech, operation="DELETE")
+
+
+def _compact_if_due(emb_uri: str, owner: str | None, out: str, run_id: str) -> int:
+    """Compact a deletion-vector embeddings table: rewrite the files whose deleted share
+    reaches removal.COMPACT_FRACTION (from the log), in Ray tasks. Returns the deleted
+    rows the rewrites dropped."""
+    from sparse_embed.pipeline.store import tables
+
+    dt = tables.open_table(emb_uri)
+    if dt is None or removal.mechanism_of(dt) != removal.DELETION_VECTORS:
         return 0
-    log.info("compacting %s: %d tombstones over %d data rows", emb_uri, tomb_rows, data_rows)
-    return ray.get(ray.remote(num_cpus=0.5)(compact_task).remote(emb_uri, out, owner))
-
-
-def compact_task(uri: str, out: str, owner: str | None) -> int:
-    """Task body of _compact_if_due: checks that the run `owner` still holds `out`'s lock,
-    then compacts (live.compact). Returns the rows deleted."""
-    from sparse_embed.pipeline.store.lock import verify_owner
-
-    verify_owner(out, owner)
-    return live.compact(uri)
+    return removal.compact(emb_uri, tag=f"{run_id}-compact", out=out, owner=owner).rows
 
 
 def _delete_keys(work: str, name: str, uri: str, with_rows: list, owner: str | None, out: str) -> None:

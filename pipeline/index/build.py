@@ -114,12 +114,12 @@ def machine_memory() -> int:
 
 
 def build_slice(slice_no: int, paths: list[str], table_uri: str, index_dir: str, empty: bytes, queries, k: int,
-                skip_ids=None, tomb_paths=()) -> dict:
+                skip_ids=None, dvs=None) -> dict:
     """Ray task body: add one slice (its Parquet files, ADD_BATCH_ROWS rows at a time) to a
     copy of the trained empty index, leaving out `skip_ids` (held-out rows), write it and
     the ids of all its rows, and return the brute-force top-k of `queries` over the rows it
-    added (for the driver's recall check). Rows the tombstones of `tomb_paths` mask are
-    not added."""
+    added (for the driver's recall check). Rows a file's deletion vector (`dvs`: path ->
+    descriptor) marks are not added."""
     import faiss
     import numpy as np
     import pyarrow as pa
@@ -133,26 +133,23 @@ def build_slice(slice_no: int, paths: list[str], table_uri: str, index_dir: str,
     id_parts = []
     ex_ids = np.full((len(queries), 0), -1, dtype="int64")
     ex_scores = np.zeros((len(queries), 0), dtype="float32")
-    fs, _ = storage.arrow_filesystem(table_uri)
-    mask = live.load_mask(tomb_paths, table_uri)
     for p in paths:
-        with fs.open_input_file(p) as f:
-            pf = pq.ParquetFile(f)
-            present = [c for c in ("image_id", "uri", "etag", "embedding") if c in pf.schema_arrow.names]
-            for batch in live.live_batches(pf, present, mask, batch_size=ADD_BATCH_ROWS):
-                ids = batch.column("image_id").to_numpy(zero_copy_only=False).astype("int64")
-                vectors = vectors_of(batch.column("embedding"))
-                if skip_ids is not None and len(skip_ids):
-                    keep = ~np.isin(ids, skip_ids)
-                    ids, vectors = ids[keep], vectors[keep]
-                if len(ids):
-                    index.add_with_ids(vectors, ids)
-                    fi, fs_ = exact_topk(queries, vectors, ids, k)
-                    ex_ids, ex_scores = merge_topk([ex_ids, fi], [ex_scores, fs_], k)
-                cols = {c: batch.column(c) if c in present else pa.nulls(batch.num_rows, pa.string())
-                        for c in ("image_id",) + OPTIONAL_COLUMNS}
-                id_parts.append(pa.table(cols).cast(ids_schema()))  # rewritten files may hold large_string
-                del vectors
+        f = live.file_at(table_uri, p, (dvs or {}).get(p))
+        for batch in live.file_batches(table_uri, f, ("image_id", "uri", "etag", "embedding"), batch_size=ADD_BATCH_ROWS):
+            present = batch.column_names
+            ids = batch.column("image_id").to_numpy(zero_copy_only=False).astype("int64")
+            vectors = vectors_of(batch.column("embedding"))
+            if skip_ids is not None and len(skip_ids):
+                keep = ~np.isin(ids, skip_ids)
+                ids, vectors = ids[keep], vectors[keep]
+            if len(ids):
+                index.add_with_ids(vectors, ids)
+                fi, fs_ = exact_topk(queries, vectors, ids, k)
+                ex_ids, ex_scores = merge_topk([ex_ids, fi], [ex_scores, fs_], k)
+            cols = {c: batch.column(c) if c in present else pa.nulls(batch.num_rows, pa.string())
+                    for c in ("image_id",) + OPTIONAL_COLUMNS}
+            id_parts.append(pa.table(cols).cast(ids_schema()))  # rewritten files may hold large_string
+            del vectors
     shard_file, ids_file = f"shard_{slice_no:05d}.faiss", f"ids_{slice_no:05d}.parquet"
     ntotal = int(index.ntotal)
     serialised = faiss.serialize_index(index)
@@ -481,7 +478,7 @@ def _fill_slices(cfg: BuildConfig, snap: TableSnapshot, plan: IndexPlan, cluster
 
         empty, queries = ray.put(empty), ray.put(queries)
     refs = [cluster.submit(build_slice, i, [snap.paths[j] for j in g], cfg.table, index_dir, empty, queries, q.k_exact,
-                           q.held_ids, snap.tomb_paths, memory=memory) for i, g in enumerate(groups)]
+                           q.held_ids, snap.dvs, memory=memory) for i, g in enumerate(groups)]
     results = cluster.wait(refs)
     sizing = {"slice_vectors": per_slice, "slice_memory": memory}
     return sizing, sorted(results, key=lambda r: r["slice"])

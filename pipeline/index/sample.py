@@ -85,41 +85,36 @@ class Reservoir:
         return self.ids[:n].copy(), self.vectors[:n].copy()
 
 
-def reservoir_file(path: str, table_uri: str, quota: int, seed: int, exclude=None, mask=None):
+def reservoir_file(path: str, table_uri: str, quota: int, seed: int, exclude=None, dv=None):
     """One file's share of the sample: `quota` rows by a reservoir over its live rows'
-    record batches (`mask`: live.load_mask, or None); rows whose image_id is in `exclude`
-    are skipped. Returns (ids, vectors (quota, D)); fewer rows when the file has fewer."""
+    record batches (`dv`: its deletion vector, or None); rows whose image_id is in
+    `exclude` are skipped. Returns (ids, vectors (quota, D)); fewer rows when the file has fewer."""
     import numpy as np
-    import pyarrow.parquet as pq
 
     from sparse_embed.pipeline.index.vectors import vectors_of
-    from sparse_embed.pipeline.store import live, storage
+    from sparse_embed.pipeline.store import live
 
     res = Reservoir(quota, np.random.default_rng([seed, 0x5E5E]))
     if quota <= 0:
         return res.result()
-    fs, _ = storage.arrow_filesystem(table_uri)
-    with fs.open_input_file(path) as f:
-        for batch in live.live_batches(pq.ParquetFile(f), ["image_id", "embedding"], mask, batch_size=SAMPLE_BATCH_ROWS):
-            ids = batch.column("image_id").to_numpy(zero_copy_only=False).astype("int64")
-            vectors = vectors_of(batch.column("embedding"))
-            if exclude is not None and len(exclude):
-                keep = ~np.isin(ids, exclude)
-                ids, vectors = ids[keep], vectors[keep]
-            res.offer(ids, vectors)
+    for batch in live.file_batches(table_uri, live.file_at(table_uri, path, dv), ["image_id", "embedding"],
+                                   batch_size=SAMPLE_BATCH_ROWS):
+        ids = batch.column("image_id").to_numpy(zero_copy_only=False).astype("int64")
+        vectors = vectors_of(batch.column("embedding"))
+        if exclude is not None and len(exclude):
+            keep = ~np.isin(ids, exclude)
+            ids, vectors = ids[keep], vectors[keep]
+        res.offer(ids, vectors)
     return res.result()
 
 
-def sample_files(jobs: list[tuple[str, int, int]], table_uri: str, exclude=None, tomb_paths=()):
+def sample_files(jobs: list[tuple[str, int, int]], table_uri: str, exclude=None, dvs=None):
     """Ray task body (and the local path): (ids, vectors) of the files' reservoirs, in order;
-    `jobs` holds (path, quota, seed) per file; rows the tombstones of `tomb_paths` mask are
-    not drawn."""
+    `jobs` holds (path, quota, seed) per file; rows a file's deletion vector (`dvs`:
+    path -> descriptor) marks are not drawn."""
     import numpy as np
 
-    from sparse_embed.pipeline.store import live
-
-    mask = live.load_mask(tomb_paths, table_uri)
-    parts = [reservoir_file(p, table_uri, q, s, exclude, mask) for p, q, s in jobs]
+    parts = [reservoir_file(p, table_uri, q, s, exclude, (dvs or {}).get(p)) for p, q, s in jobs]
     parts = [(i, v) for i, v in parts if len(i)]
     if not parts:
         return np.zeros(0, dtype="int64"), np.zeros((0, 0), dtype="float32")
@@ -138,7 +133,7 @@ def sample_local(snap, count: int, seed: int, *, exclude=None):
     """The sample drawn in this process: (ids, vectors)."""
     import numpy as np
 
-    parts = [sample_files(g, snap.uri, exclude, snap.tomb_paths) for g in sample_jobs(snap, count, seed)]
+    parts = [sample_files(g, snap.uri, exclude, snap.dvs) for g in sample_jobs(snap, count, seed)]
     parts = [(i, v) for i, v in parts if len(i)]
     if not parts:
         return np.zeros(0, dtype="int64"), np.zeros((0, 0), dtype="float32")
@@ -152,4 +147,4 @@ def sample_in_tasks(snap, count: int, seed: int, *, exclude=None) -> list:
 
     task = ray.remote(num_cpus=1)(sample_files)
     exclude_ref = ray.put(exclude) if exclude is not None else None
-    return [task.remote(g, snap.uri, exclude_ref, snap.tomb_paths) for g in sample_jobs(snap, count, seed)]
+    return [task.remote(g, snap.uri, exclude_ref, snap.dvs) for g in sample_jobs(snap, count, seed)]

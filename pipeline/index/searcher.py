@@ -293,7 +293,6 @@ def _selector_params(shard, selector):
 
 def vectors_for_ids(table_uri: str, version: int | None, image_ids: list[int]):
     import numpy as np
-    import pyarrow.compute as pc
 
     from sparse_embed.pipeline.store import live, tables
     from sparse_embed.pipeline.index.snapshot import vectors_of
@@ -304,7 +303,7 @@ def vectors_for_ids(table_uri: str, version: int | None, image_ids: list[int]):
     wanted = [int(i) for i in image_ids]
     has_uri = "uri" in [f.name for f in dt.schema().fields]
     t = live.read_live(table_uri, ["image_id", "embedding"] + (["uri"] if has_uri else []), version=dt.version(),
-                       filter=pc.field("image_id").isin(wanted))  # the live row of each id, not a masked one
+                       where={"image_id": wanted})  # files whose image_id bounds can hold them
     have = t.column("image_id").to_pylist()
     missing = sorted(set(wanted) - set(have))
     if missing:

@@ -21,32 +21,23 @@ def ids_schema():
     return pa.schema([("image_id", pa.int64()), ("uri", pa.string()), ("etag", pa.string())])
 
 
-def read_file(path: str, table_uri: str, columns=("image_id", "uri", "etag", "embedding"), mask=None):
-    """`columns` of one data file's live rows (`mask`: live.load_mask of the version's
-    tombstones, or None); an optional column the file lacks comes back as nulls."""
+def read_file(path: str, table_uri: str, columns=("image_id", "uri", "etag", "embedding"), dv=None):
+    """`columns` of one data file's live rows (`dv`: its deletion vector descriptor, or
+    None; store/live.py); an optional column the file lacks comes back as nulls."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    fs, _ = storage.arrow_filesystem(table_uri)
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        present = set(pf.schema_arrow.names)
-        wanted = [c for c in columns if c in present]
-        if mask is not None:
-            t = live.live_rows(pf.read(columns=wanted + [c for c in live.MASK_KEY if c not in wanted]), mask).select(wanted)
-        else:
-            t = pf.read(columns=wanted)
-    t = tables.plain_strings(t)
+    t = live.read_file(table_uri, live.file_at(table_uri, path, dv), list(columns))
     for c in columns:
-        if c not in present and c in OPTIONAL_COLUMNS:
+        if c not in t.column_names and c in OPTIONAL_COLUMNS:
             t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
     return t.select(list(columns))  # embedding as the file stores it: vectors_of reads either list type
 
 
 class TableSnapshot:
-    """One version of the embeddings table: its data files (`paths`, with their stored
-    `rows`), its tombstone files (`tomb_paths`), the live row count `n` and dimension.
-    Readers of `paths` drop the rows `mask()` names (store/live.py)."""
+    """One version of the embeddings table: its data files (`paths`, with their live
+    `rows`), their deletion vectors (`dvs`: path -> descriptor, for files that have one),
+    the live row count `n` and dimension. Readers of `paths` drop the rows a file's
+    vector marks (store/live.py)."""
 
     def __init__(self, table_uri: str, version: int | None = None):
         dt = tables.open_table(table_uri, version)
@@ -58,21 +49,20 @@ class TableSnapshot:
             if c not in self.columns:
                 raise ValueError(f"Table {table_uri!r} has no {c!r} column: an index needs image_id (int64) and "
                                  f"embedding (list of float32); it has {', '.join(self.columns)}")
-        adds = dt.get_add_actions(flatten=True)
-        by_name = {}
-        if adds.num_rows:
-            for p, size, rows in zip(adds.column("path").to_pylist(), adds.column("size_bytes").to_pylist(),
-                                     adds.column("num_records").to_pylist()):
-                by_name[p.rsplit("/", 1)[-1]] = (int(size or 0), int(rows or 0))
-        self.paths, self.tomb_paths = live.split_files([storage.strip_scheme(f) for f in dt.file_uris()])
-        self.sizes = [by_name.get(p.rsplit("/", 1)[-1], (0, 0))[0] for p in self.paths]
-        self.rows = [by_name.get(p.rsplit("/", 1)[-1], (0, 0))[1] for p in self.paths]
-        self.masked = sum(by_name.get(p.rsplit("/", 1)[-1], (0, 0))[1] for p in self.tomb_paths)  # each masks one row
-        self.n = sum(self.rows) - self.masked
+        tf = live.table_files(table_uri, dt=dt)
+        self.files = tf.files
+        self.paths = [tf.abs_path(f) for f in tf.files]
+        self.sizes = [f.size for f in tf.files]
+        self.rows = [f.live_rows for f in tf.files]
+        self.dvs = {p: f.dv for p, f in zip(self.paths, tf.files) if f.dv}
+        self.n = sum(self.rows)
 
-    def mask(self):
-        """The version's tombstone keys (live.load_mask), or None when it has none."""
-        return live.load_mask(self.tomb_paths, self.uri) if self.tomb_paths else None
+    def dv_of(self, path: str):
+        return self.dvs.get(path)
+
+    def abs_path(self, f) -> str:
+        """The path (without scheme) of one of `files`, as `paths` holds it."""
+        return f"{storage.strip_scheme(self.uri).rstrip('/')}/{f.path}"
 
     def read_columns(self, columns):
         """`columns` of the version's live rows (optional ones as nulls when the table lacks them)."""
@@ -95,7 +85,8 @@ class TableSnapshot:
             typ = pq.ParquetFile(f).schema_arrow.field("embedding").type
         if pa.types.is_fixed_size_list(typ):
             return typ.list_size
-        return vectors_of(read_file(self.paths[first], self.uri, ["embedding"]).column("embedding")).shape[1]
+        return vectors_of(read_file(self.paths[first], self.uri, ["embedding"], self.dv_of(self.paths[first]))
+                          .column("embedding")).shape[1]
 
     def sample(self, count: int, seed: int, *, exclude=None):
         """`count` rows drawn uniformly without replacement (a per-file quota, then a
@@ -115,5 +106,6 @@ def model_version_of(snap: TableSnapshot) -> str | None:
     import pyarrow as pa
 
     # files deltalake rewrites (deletes) hold string_view, which pc.min does not take
-    col = read_file(snap.paths[first], snap.uri, ["model_version"]).column("model_version").cast(pa.string())
+    col = read_file(snap.paths[first], snap.uri, ["model_version"], snap.dv_of(snap.paths[first])).column(
+        "model_version").cast(pa.string())
     return pc.min(col).as_py() if len(col) else None

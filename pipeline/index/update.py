@@ -8,9 +8,9 @@ shards untouched where they are: it opens the current index memory-mapped, reads
 table files written since the indexed version for the added rows, and brings the recall
 ground truth up to date from the changes.
 
-Diff: from the Delta log when it can (O(changed)): the tombstone files appended since the
-indexed version name the removed rows, the data files appended since hold the added ones
-(store/live.py). Otherwise the table version's (image_id, etag) pairs against the index's
+Diff: from the Delta log when it can (O(changed files)): the files removed, added or given
+a larger deletion vector since the indexed version (store/live.py, store/removal.py).
+Otherwise the table version's (image_id, etag) pairs against the index's
 id maps. A URI keeps its image_id when its object changes, so a change means remove + add.
 """
 from __future__ import annotations
@@ -60,18 +60,15 @@ def diff_ids(index_ids, index_etags, table_ids, table_etags):
     return np.sort(removed).astype("int64"), np.sort(added).astype("int64")
 
 
-def exact_slice(paths: list[str], table_uri: str, queries, k: int, tomb_paths=()):
+def exact_slice(paths: list[str], table_uri: str, queries, k: int, dvs=None):
     """Ray task body: brute-force top-k of `queries` over the live rows of the given table
-    files (rows the tombstones of `tomb_paths` mask are left out)."""
+    files (rows a file's deletion vector, `dvs`: path -> descriptor, marks are left out)."""
     import numpy as np
 
-    from sparse_embed.pipeline.store import live
-
-    mask = live.load_mask(tomb_paths, table_uri)
     ids_out = np.full((len(queries), 0), -1, dtype="int64")
     sc_out = np.zeros((len(queries), 0), dtype="float32")
     for p in paths:
-        t = read_file(p, table_uri, ["image_id", "embedding"], mask)
+        t = read_file(p, table_uri, ["image_id", "embedding"], (dvs or {}).get(p))
         if t.num_rows:
             i, s = exact_topk(queries, vectors_of(t.column("embedding")), t.column("image_id").to_numpy().astype("int64"), k)
             ids_out, sc_out = merge_topk([ids_out, i], [sc_out, s], k)
@@ -208,42 +205,76 @@ def _diff_against_index(old, snap: TableSnapshot):
 
 
 def _diff_from_log(snap: TableSnapshot, parent_version: int | None, current):
-    """(removed, added, the added rows, how they were read) from the Delta log between the
-    indexed version and `snap` alone, O(changed): the files append commits added since
-    are the nightly's tombstone files (removed: the ids they mask that the index holds)
-    and its data files (added: their live rows). Compactions in between drop masked rows
-    and their tombstones only. None when the log cannot tell (another kind of commit, a
-    log entry or a tombstone file gone) or the result does not account for the table's
-    live row count (e.g. rows deleted by a plain DELETE): the caller then diffs the whole
-    table against the index."""
+    """(removed, added, the added rows, how they were read) from the indexed version's and
+    `snap`'s file lists (the log only) and the files that differ, O(changed files):
+    - a file the parent had and `snap` lacks, or whose deletion vector grew, lost rows;
+    - a file `snap` has and the parent lacked holds new rows: a nightly's data files, and
+      a copy-on-write rewrite's kept rows, which cancel out by (image_id, etag).
+    A URI keeps its image_id when its object changes, so a change is remove + add.
+    None when the parent version cannot be opened (its log entries are gone) or the
+    result does not account for the table's live row count: the caller then diffs the
+    whole table against the index."""
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     from sparse_embed.pipeline.store import live
 
-    appended = _log_appends(snap, parent_version)
-    if appended is None:
+    if parent_version is None or parent_version >= snap.version:
         return None
-    data_files = set(snap.paths)
-    new_data = [p for p in appended if p in data_files]
-    new_tombs = [p for p in appended if live.is_tombstone_file(p)]  # compacted away since, too: their rows were indexed
     try:
-        masked = live.load_mask(new_tombs, snap.uri)
-    except FileNotFoundError:  # a compacted tombstone file already vacuumed
+        old = live.table_files(snap.uri, parent_version)
+    except Exception:  # noqa: BLE001 - a version the log no longer holds: diff the whole table
         return None
-    mask = snap.mask()
-    parts = [read_file(p, snap.uri, mask=mask) for p in new_data]
-    parts = [t for t in parts if t.num_rows]
-    add_t = pa.concat_tables(parts) if parts else None
-    added = np.sort(add_t.column("image_id").to_numpy()).astype("int64") if add_t is not None else np.zeros(0, "int64")
-    candidates = np.unique(masked.column("image_id").to_numpy()) if masked is not None else np.zeros(0, "int64")
-    removed = candidates[current.id_maps.contains_live(candidates)].astype("int64")
-    readded = added[current.id_maps.contains_live(added)]
+    if old is None:
+        return None
+    keys = ["image_id", "etag"]
+    old_by, new_by = {f.path: f for f in old.files}, {f.path: f for f in snap.files}
+    gone, came, came_files = [], [], []
+    for path, f in old_by.items():
+        g = new_by.get(path)
+        if g is None:
+            gone.append(live.read_file(snap.uri, f, keys))
+        elif (g.dv or {}) != (f.dv or {}):
+            newly = np.setdiff1d(live.deleted_positions(snap.uri, g.dv), live.deleted_positions(snap.uri, f.dv))
+            t = live.read_file(snap.uri, live.DataFile(path, f.size, f.rows), keys, positions=True)
+            gone.append(t.filter(pc.is_in(t.column("_row"), value_set=pa.array(newly, pa.int64()))).select(keys))
+    for path, g in new_by.items():
+        if path not in old_by:
+            t = live.read_file(snap.uri, g, keys)
+            if t.num_rows:
+                came.append(t)
+                came_files.append(g)
+    if any("etag" not in t.column_names for t in gone + came):
+        return None  # no etags: a change cannot be told from a copy-on-write rewrite's kept row
+    empty = pa.table({"image_id": pa.array([], pa.int64()), "etag": pa.array([], pa.string())})
+    gone_t = pa.concat_tables([_keys(t) for t in gone]) if gone else empty
+    came_t = pa.concat_tables([_keys(t) for t in came]) if came else empty
+    lost = gone_t.join(came_t, keys, join_type="left anti")
+    new = came_t.join(gone_t, keys, join_type="left anti")
+    added = np.sort(new.column("image_id").to_numpy()).astype("int64")
+    candidates = np.unique(lost.column("image_id").to_numpy()).astype("int64")
+    removed = candidates[current.id_maps.contains_live(candidates)].astype("int64") if len(candidates) else candidates
+    readded = added[current.id_maps.contains_live(added)] if len(added) else added
     if len(np.unique(added)) != len(added) or not np.isin(readded, removed).all():
-        return None  # an added id the index holds live must have been masked: anything else is another history
+        return None  # an added id the index holds live must have been removed: anything else is another history
     if current.ntotal - len(removed) + len(added) != snap.n:
         return None
-    return removed, added, add_t, {"read_from": "log", "files_read": len(new_data) + len(new_tombs)}
+    wanted = pa.array(added, pa.int64())
+    parts = []
+    for g in came_files:  # the new rows' vectors, from the files that hold them
+        t = read_file(snap.abs_path(g), snap.uri, dv=g.dv)
+        t = t.filter(pc.is_in(t.column("image_id"), value_set=wanted))
+        if t.num_rows:
+            parts.append(t)
+    add_t = pa.concat_tables(parts) if parts else None
+    return removed, added, add_t, {"read_from": "log", "files_read": len(gone) + len(came_files)}
+
+
+def _keys(t):
+    import pyarrow as pa
+
+    return pa.table({"image_id": t.column("image_id").cast(pa.int64()), "etag": t.column("etag").cast(pa.string())})
 
 
 def _files_since(snap: TableSnapshot, version: int | None) -> list[str]:
@@ -296,12 +327,11 @@ def _added_rows(snap: TableSnapshot, parent_version: int | None, added):
     if not len(added):
         return None, {"read_from": None, "files_read": 0}
     wanted = pa.array(added, pa.int64())
-    mask = snap.mask()
 
     def read(paths):
         parts = []
         for p in paths:
-            t = read_file(p, snap.uri, mask=mask)
+            t = read_file(p, snap.uri, dv=snap.dv_of(p))
             t = t.filter(pc.is_in(t.column("image_id"), value_set=wanted))
             if t.num_rows:
                 parts.append(t)
@@ -420,6 +450,6 @@ def _exact_over_table(snap: TableSnapshot, queries, k: int):
     groups = plan_shards(snap.sizes, max(1, min(len(snap.paths), int(resources.get("CPU", 1)))))
     task = ray.remote(num_cpus=1)(exact_slice)
     q_ref = ray.put(queries)
-    parts = ray.get([task.remote([snap.paths[j] for j in g], snap.uri, q_ref, k, snap.tomb_paths) for g in groups])
+    parts = ray.get([task.remote([snap.paths[j] for j in g], snap.uri, q_ref, k, snap.dvs) for g in groups])
     return merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 def vectors_of(column):
     """An embedding column -> (n, D) float32, chunk by chunk from each chunk's flat values
     (no concatenation of Arrow lists, so no 32-bit list offsets past 2^31 floats). Files
-    this job writes hold fixed_size_list; files deltalake rewrites (deletes, merges) hold
-    list, since Delta has no fixed-size array type. Both read the same."""
+    this job writes hold list (Delta has no fixed-size array type, and polars refuses a
+    file whose type differs from the table's); files of older runs hold fixed_size_list.
+    Both read the same."""
     import numpy as np
 
     chunks = column.chunks if hasattr(column, "chunks") else [column]

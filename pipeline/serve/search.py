@@ -10,14 +10,13 @@ from .requests import RequestError, SearchQuery
 
 def image_id_of_uri(manifest: dict, uri: str) -> int | None:
     """The image_id of `uri` in the table version the index was built from (None if absent)."""
-    import pyarrow.compute as pc
 
     from sparse_embed.pipeline.store import live, tables
 
     dt = tables.open_table(manifest["table"], manifest.get("table_version"))
     if dt is None or "uri" not in [f.name for f in dt.schema().fields]:
         return None
-    t = live.read_live(manifest["table"], ["image_id"], version=dt.version(), filter=pc.field("uri") == uri)
+    t = live.read_live(manifest["table"], ["image_id"], version=dt.version(), where={"uri": [uri]})
     ids = t.column("image_id").to_pylist()
     return int(ids[0]) if ids else None
 

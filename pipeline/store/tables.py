@@ -1,7 +1,8 @@
 """The Delta tables under an output prefix, and their schemas (README.md, "What it writes").
 
-<out>/embeddings  one live row per embedded object, and tombstones that mask replaced rows
-                  (live.py: readers apply the mask)
+<out>/embeddings  one live row per embedded object; changed and deleted objects' rows are
+                  removed copy-on-write or by Delta deletion vectors (removal.py), so any
+                  Delta reader sees the live rows (live.py is this project's reader)
 <out>/errors      one row per object whose latest attempt failed
 <out>/listing     the latest listing (uri, etag, size, mtime), overwritten each run
 <out>/image_ids   uri -> image_id, append-only: ids stay stable for a URI across runs,
@@ -27,6 +28,9 @@ ROWS_PER_FILE = 8192
 
 
 def embeddings_schema(dim: int):
+    """The embeddings table's schema. The embedding is a plain list<float32> of `dim`
+    values in the files too: Delta has no fixed-size array, and polars refuses a file
+    whose list type differs from the table's array<float> (a fixed_size_list did)."""
     import pyarrow as pa
 
     return pa.schema([
@@ -37,7 +41,7 @@ def embeddings_schema(dim: int):
         ("mtime", pa.timestamp("us", tz="UTC")),
         ("width", pa.int32()),
         ("height", pa.int32()),
-        ("embedding", pa.list_(pa.float32(), dim)),
+        ("embedding", pa.list_(pa.float32())),  # dim values per row (the sink writes the encoder's width)
         ("model", pa.string()),
         ("model_version", pa.string()),
         ("run_id", pa.string()),
@@ -92,8 +96,7 @@ def ensure_table(uri: str, schema):
 
 def read_columns(uri: str, columns: list[str], version: int | None = None):
     """Selected columns of a table's stored rows as Arrow, or None if there is no table yet.
-    For the embeddings table that includes masked rows and tombstones: read it with
-    live.read_live."""
+    For the embeddings table read live.read_live: this reader refuses a deletion-vector table."""
     import pyarrow as pa
 
     dt = open_table(uri, version)

@@ -30,3 +30,23 @@ def write_table(uri, vectors, ids, files, etag="e", run_id="r"):
             "model": ["m"] * len(chunk), "model_version": ["v"] * len(chunk), "run_id": [run_id] * len(chunk),
         })
         tables.append(uri, t, schema)
+
+
+def positions_of(uri, ids):
+    """[(DataFile, physical positions)] of the live rows of `ids` in the table at `uri`."""
+    from sparse_embed.pipeline.store import live
+
+    out = []
+    for f in live.table_files(uri).files:
+        t = live.read_file(uri, f, ["image_id"], positions=True)
+        hit = np.isin(t.column("image_id").to_numpy(), np.asarray(list(ids), dtype="int64"))
+        if hit.any():
+            out.append((f, t.column("_row").to_numpy()[hit]))
+    return out
+
+
+def remove_ids(uri, ids, tag):
+    """Remove the live rows of `ids` as a nightly does (one commit, the table's mechanism)."""
+    from sparse_embed.pipeline.store import removal
+
+    return removal.remove_positions(uri, positions_of(uri, ids), tag=tag)

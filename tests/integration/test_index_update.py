@@ -13,7 +13,7 @@ from sparse_embed.pipeline.index.snapshot import vectors_of
 from sparse_embed.pipeline.index.update import UpdateConfig, diff_ids, update_index
 from sparse_embed.pipeline.index.searcher import ShardedIndex, current_index_id
 
-from helpers import unit_vectors, write_table
+from helpers import remove_ids, unit_vectors, write_table
 
 
 def test_diff_ids_counts_changes_as_remove_plus_add():
@@ -89,47 +89,45 @@ def test_ivf_update_equals_adding_the_new_table_to_the_same_trained_index(ray_lo
 
 
 def _mutate_like_a_nightly(table, d, seed, run_id):
-    """What a nightly commits: tombstones for 200 deleted and 100 changed rows (one append),
-    then 300 new rows (ids 5000+) and the changed ones again (one append each)."""
-    import pyarrow.compute as pc
-
-    from sparse_embed.pipeline.store import live
-
+    """What a nightly commits: 200 deleted and 100 changed rows removed (one commit, the
+    table's mechanism), then 300 new rows (ids 5000+) and the changed ones again (one
+    append each)."""
     changed = np.arange(1001, 1201, 2, dtype="int64")
     gone = np.concatenate([np.arange(0, 400, 2, dtype="int64"), changed])
-    schema = tables.embeddings_schema(d)
-    stale = live.read_live(table, ["image_id", "uri", "etag", "run_id"], filter=pc.field("image_id").isin(gone.tolist()))
-    tables.commit_files(table, [live.write_tombstones(table, stale, schema, run_id, 0)], schema)
+    assert remove_ids(table, gone, run_id).rows == 300
     write_table(table, unit_vectors(300, d, seed=seed), np.arange(5000, 5300, dtype="int64"), files=1, run_id=run_id)
     write_table(table, unit_vectors(100, d, seed=seed + 1), changed, files=1, etag="e2", run_id=run_id)
 
 
 @pytest.mark.integration
-def test_an_update_over_tombstones_reads_only_the_log_and_equals_a_rebuild(ray_local, bucket):
+@pytest.mark.parametrize("mechanism", ["copy-on-write", "deletion-vectors"])
+def test_an_update_after_removals_reads_only_the_changed_files_and_equals_a_rebuild(ray_local, bucket, mechanism):
+    from sparse_embed.pipeline.store import delta_log, removal
+
     d = 16
-    table, root, ref_root = f"{bucket}/emb/embeddings", f"{bucket}/emb/index", f"{bucket}/emb/ref"
+    table, root, ref_root = f"{bucket}/emb-{mechanism}/embeddings", f"{bucket}/emb-{mechanism}/index", f"{bucket}/emb-{mechanism}/ref"
+    tables.ensure_table(table, tables.embeddings_schema(d))
+    if mechanism == "deletion-vectors":
+        delta_log.enable_deletion_vectors(table)
     write_table(table, unit_vectors(1500, d, seed=1), np.arange(1500, dtype="int64"), files=3)
     build_index(BuildConfig(table, root, shards=2))
     _mutate_like_a_nightly(table, d, seed=2, run_id="n1")
 
     m = update_index(UpdateConfig(table, root))
-    assert m["update"]["added_rows"] == {"read_from": "log", "files_read": 3}  # the tombstones and two appends
+    # the two files that lost rows, their rewrites (copy-on-write only) and the two appends
+    files_read = 6 if mechanism == "copy-on-write" else 4
+    assert m["update"]["added_rows"] == {"read_from": "log", "files_read": files_read}
     assert (m["update"]["removed"], m["update"]["added"], m["ntotal"]) == (300, 400, 1600)
     updated = _assert_searches_like_a_rebuild(root, table, ref_root, d)
     np.testing.assert_array_equal(updated.live_ids(), _table_ids(table))
     assert updated.uri_of(1001) == "s3://b/img_1001.jpg" and updated.uri_of(0) is None
 
     # A second night changes rows the first update put in the delta shard; then a
-    # compaction (a merge) sits between two versions: the log still decides.
-    from sparse_embed.pipeline.store import live
-
+    # compaction sits between two versions: the log still decides.
     again = np.array([5000, 5001, 1001], dtype="int64")
-    schema = tables.embeddings_schema(d)
-    import pyarrow.compute as pc
-
-    stale = live.read_live(table, ["image_id", "uri", "etag", "run_id"], filter=pc.field("image_id").isin(again.tolist()))
-    tables.commit_files(table, [live.write_tombstones(table, stale, schema, "n2", 0)], schema)
-    assert live.compact(table) == 2 * (300 + 3)
+    remove_ids(table, again, "n2")
+    compacted = removal.compact(table, fraction=0.0)
+    assert compacted.files_rewritten == (0 if mechanism == "copy-on-write" else 4)
     write_table(table, unit_vectors(3, d, seed=5), again, files=1, etag="e3", run_id="n2")
     m2 = update_index(UpdateConfig(table, root, delta_max_fraction=1.0))  # 700 delta + deleted rows of 1500: no rebuild
     assert m2["update"]["added_rows"]["read_from"] == "log" and m2["ntotal"] == 1600

@@ -78,11 +78,12 @@ def test_a_day_of_changes_equals_a_fresh_full_run(day0):
     inc = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
     c = inc["counts"]
     assert (c["new"], c["changed"], c["deleted"], c["processed"]) == (2, 1, 1, 3), c
-    # O(changed): no file of the table was rewritten; the changed and deleted rows are masked
+    # copy-on-write: only the files holding the changed and deleted rows were rewritten
     files_after = set(tables.open_table(emb_uri).file_uris())
-    assert files_before <= files_after
-    tombs = [f for f in files_after if live.is_tombstone_file(f)]
-    assert len(tombs) == 1 and live.row_counts(emb_uri) == (N + 3, 2)
+    r = inc["removal"]
+    assert c["removed_rows"] == 2 and r["mechanism"] == "copy-on-write" and 1 <= r["files_touched"] <= 2
+    assert len(files_before - files_after) == r["files_touched"] and r["files_rewritten"] <= r["files_touched"]
+    assert live.row_counts(emb_uri) == (N + 1, 0)
     assert ShardedIndex.open(f"{out}/index").manifest["update"]["added_rows"]["read_from"] == "log"
 
     fresh_out = f"{bucket}/fresh"
@@ -111,24 +112,29 @@ def test_a_day_of_changes_equals_a_fresh_full_run(day0):
     assert source + deleted_key not in ia.uris.values()
 
 
-def test_compaction_drops_masked_rows_and_tombstones_once_they_reach_the_threshold(day0, monkeypatch):
+def test_a_deletion_vector_table_marks_rows_then_compacts_at_the_threshold(day0, monkeypatch):
+    from sparse_embed.pipeline.store import delta_log, removal
+
     source, out = day0["source"], day0["out"]
     emb_uri = tables.table_uri(out, tables.EMBEDDINGS)
+    assert delta_log.enable_deletion_vectors(emb_uri) is not None  # as `sparse-embed enable-deletion-vectors`
+    files_before = {f.path: f.size for f in live.table_files(emb_uri).files}
     keys = sorted(day0["objects"])
     storage.put_many(source, {keys[3]: day0["objects"][keys[4]]})  # changed
     storage.filesystem(source).rm_file(storage.strip_scheme(source + keys[7]))  # deleted
-    masked = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
-    assert masked["counts"]["processed"] == 1 and live.row_counts(emb_uri) == (N + 1, 2)  # 2 / 25 < 0.2: kept
-    assert (masked["counts"]["masked_rows"], masked["counts"]["compacted_rows"]) == (2, 0)
-    monkeypatch.setattr(live, "COMPACT_FRACTION", 0.05)  # the driver decides (todo._compact_if_due)
-    storage.filesystem(source).rm_file(storage.strip_scheme(source + keys[9]))  # 3 / 25 >= 0.05: compacts
+    monkeypatch.setattr(removal, "COMPACT_FRACTION", 1.01)  # never: the vectors stay (the driver decides)
+    marked = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
+    assert marked["counts"]["processed"] == 1 and live.row_counts(emb_uri) == (N + 1, 2)
+    assert (marked["counts"]["removed_rows"], marked["counts"]["compacted_rows"]) == (2, 0)
+    assert marked["removal"]["mechanism"] == "deletion-vectors" and marked["removal"]["files_rewritten"] == 0
+    assert all(files_before.get(f.path, f.size) == f.size for f in live.table_files(emb_uri).files), "no file rewritten"
+    _assert_exactly_once(source, out)
+    monkeypatch.setattr(removal, "COMPACT_FRACTION", 0.01)  # every file with a vector is due
+    storage.filesystem(source).rm_file(storage.strip_scheme(source + keys[9]))
     compacted = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
     assert compacted["counts"]["deleted"] == 1
-    assert (compacted["counts"]["masked_rows"], compacted["counts"]["compacted_rows"]) == (1, 6)
-    assert live.row_counts(emb_uri) == (N - 2, 0), "masked rows and tombstones are gone"
-    assert not [f for f in tables.open_table(emb_uri).file_uris() if live.is_tombstone_file(f)]
-    raw = tables.open_table(emb_uri).to_pyarrow_table(columns=["uri"]).column("uri").to_pylist()
-    assert sorted(raw) == sorted(live.read_live(emb_uri, ["uri"]).column("uri").to_pylist())
+    assert (compacted["counts"]["removed_rows"], compacted["counts"]["compacted_rows"]) == (1, 3)
+    assert live.row_counts(emb_uri) == (N - 2, 0), "the compaction dropped every deleted row"
     _assert_exactly_once(source, out)
     index = ShardedIndex.open(f"{out}/index")
     assert index.manifest["ntotal"] == N - 2 and source + keys[9] not in index.uris.values()
@@ -196,9 +202,10 @@ def test_model_change_starts_a_new_version_and_keeps_the_old_queryable(day0):
     assert active and left == active, "promotion names the staged files (nothing copied) and leaves nothing else staged"
 
 
-def test_a_run_that_dies_after_masking_is_completed_by_the_next_without_masking_twice(day0, monkeypatch):
-    """The diff commits tombstones before anything is embedded: a run dying there leaves the
-    changed and deleted objects' rows masked and their replacements missing."""
+def test_a_run_that_dies_after_its_deletion_commit_is_completed_by_the_next(day0, monkeypatch):
+    """The diff commits the removal before anything is embedded: a run dying between its
+    deletion commit and its data commit leaves the changed object without a row (the
+    window README states) and the deleted one gone; the next run embeds it, removes nothing."""
     from sparse_embed.pipeline.embed import run as run_mod
 
     source, out = day0["source"], day0["out"]
@@ -213,13 +220,13 @@ def test_a_run_that_dies_after_masking_is_completed_by_the_next_without_masking_
     monkeypatch.setattr(run_mod, "_embed_todo", die)
     with pytest.raises(RuntimeError, match="driver died"):
         run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
-    assert live.row_counts(emb_uri) == (N, 2)
+    assert live.row_counts(emb_uri) == (N - 2, 0)
     assert source + keys[2] not in live.read_live(emb_uri, ["uri"]).column("uri").to_pylist()
     monkeypatch.undo()
 
     rerun = run_embed(EmbedConfig(source=source, out=out, spec=SPEC, index_shards=2, rows_per_file=16))
-    assert rerun["counts"]["processed"] == 1 and rerun["counts"]["masked_rows"] == 0, rerun["counts"]
-    assert live.row_counts(emb_uri) == (N + 1, 2), "nothing masked twice"
+    assert rerun["counts"]["processed"] == 1 and rerun["counts"]["removed_rows"] == 0, rerun["counts"]
+    assert live.row_counts(emb_uri) == (N - 1, 0), "nothing removed twice"
     _assert_exactly_once(source, out)
     index = ShardedIndex.open(f"{out}/index")
     assert index.manifest["ntotal"] == N - 1 and index.manifest["table_version"] == tables.version_of(emb_uri)

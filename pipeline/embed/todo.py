@@ -282,6 +282,7 @@ def _remove_stale(work: str, emb, stale_buckets: list[int], file_buckets: int, r
     for f, m in zip(emb.files, fb):
         by_bucket.setdefault(int(m), {})[f.path] = f
     mech = removal.DELETION_VECTORS if emb.deletion_vectors else removal.COPY_ON_WRITE
+    log.info("[remove] start: stale rows in %d file buckets (%s)", len(stale_buckets), mech)
     task = ray.remote(num_cpus=0.5)(stale_removal_task)
     results = ray.get([task.remote(work, m, by_bucket.get(m, {}), emb.uri, run_id, mech, out, owner)
                        for m in stale_buckets])

@@ -151,8 +151,8 @@ def commit_removal(table_uri: str, read_version: int, results: list[dict], mecha
     if actions:
         rem.version = delta_log.commit(table_uri, read_version, actions, operation=operation,
                                        parameters={"mechanism": mechanism})
-    log.info("%s: removed %d rows from %d files (%s), %d bytes written", table_uri, rem.rows, rem.files_touched,
-             mechanism, rem.bytes_written)
+    log.info("[remove] committed v%s: %d rows from %d files of %s (%s), %d bytes written", rem.version, rem.rows,
+             rem.files_touched, table_uri, mechanism, rem.bytes_written)
     return rem
 
 

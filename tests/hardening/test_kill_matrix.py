@@ -2,7 +2,8 @@
 local Ray as a dead machine would be, the moment its log says the stage started): the same
 command run again completes with every object exactly once, the index describing the table,
 and a third run finds nothing to redo, recover or commit. Stages: list, diff, the embed
-stage, the commit, the index and the promotion of a new model."""
+stage, the commit, the index and the promotion of a new model; on a changed day, during
+the removal's copy-on-write rewrites and between its deletion commit and the data commit."""
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ from helpers import SPEC
 from helpers.faults import assert_exactly_once, assert_settled, fill
 from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
 from sparse_embed.pipeline.index.publish import current_manifest
-from sparse_embed.pipeline.store import live, tables
+from sparse_embed.pipeline.store import live, storage, tables
 
 pytestmark = pytest.mark.integration
 
@@ -78,6 +79,29 @@ def test_driver_killed_in_a_stage_then_rerun_is_exactly_once(ray_local, bucket, 
             "--decode-batch-size", "4", "--index-shards", "1"]
     assert _kill_when_logged(argv, needle), f"the run ended before {needle!r}"
     _check_repaired(source, out, SPEC)
+
+
+REMOVAL_POINTS = [
+    pytest.param("[remove] start", id="copy-on-write-rewrite"),  # the removal tasks are rewriting files
+    pytest.param("[remove] committed", id="after-deletion-commit", marks=pytest.mark.slow),  # before the data commit
+]
+
+
+@pytest.mark.parametrize("needle", REMOVAL_POINTS)
+def test_driver_killed_while_removing_changed_rows_then_rerun_is_exactly_once(ray_local, bucket, needle):
+    source, uris = fill(bucket, 4, seed=43)
+    out = f"{bucket}/emb"
+    run_embed(EmbedConfig(source=source, out=out, spec=SPEC, rows_per_file=4, index_shards=1))
+    keys = sorted(u[len(source):] for u in uris)
+    fs = storage.filesystem(source)
+    storage.put_many(source, {keys[0]: fs.cat_file(storage.strip_scheme(source + keys[1]))})  # changed
+    fs.rm_file(storage.strip_scheme(source + keys[2]))  # deleted
+    argv = ["embed", source, "--out", out, "--model", SPEC["model"], "--rows-per-file", "4", "--index-shards", "1"]
+    assert _kill_when_logged(argv, needle), f"the run ended before {needle!r}"
+    _check_repaired(source, out, SPEC)
+    rows = live.read_live(f"{out}/embeddings", ["uri", "etag"])
+    assert source + keys[2] not in rows.column("uri").to_pylist()
+    assert len(set(rows.column("uri").to_pylist())) == rows.num_rows == len(uris) - 1
 
 
 @pytest.mark.slow

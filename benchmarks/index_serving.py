@@ -99,19 +99,24 @@ def _searcher(args) -> dict:
 
 
 def _change(table: str, n: int, fraction: float, dim: int, seed: int, etag: str) -> int:
-    """Replace `fraction` of the rows (seeded ids) as a nightly does: mask the live rows
-    with tombstones (one append), append new rows with new vectors (one append)."""
+    """Replace `fraction` of the rows (seeded ids) as a nightly does: remove the live rows
+    (one commit, the table's mechanism: store/removal.py), append new rows with new
+    vectors (one append)."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     from benchmarks.index import generate
-    from sparse_embed.pipeline.store import live, tables
+    from sparse_embed.pipeline.store import live, removal, tables
 
     ids = np.sort(np.random.default_rng(seed).choice(n, size=max(1, int(n * fraction)), replace=False)).astype("int64")
     schema = tables.embeddings_schema(dim)
-    stale = live.read_live(table, ["image_id", "uri", "etag", "run_id"], filter=pc.field("image_id").isin(ids.tolist()))
-    tables.commit_files(table, [live.write_tombstones(table, stale, schema, f"bench-{etag}", 0)], schema)
+    by_file = []
+    for f in live.table_files(table).files:
+        t = live.read_file(table, f, ["image_id"], positions=True)
+        hit = np.isin(t.column("image_id").to_numpy(), ids)
+        if hit.any():
+            by_file.append((f, t.column("_row").to_numpy()[hit]))
+    removal.remove_positions(table, by_file, tag=f"bench-{etag}")
     x = generate(len(ids), dim, seed=seed * 7919 + 3)
     m = len(ids)
     tables.append(table, pa.table({

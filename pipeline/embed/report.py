@@ -128,6 +128,12 @@ def summary(result: dict) -> str:
     if c.get("failed_infrastructure"):
         lines.append(f"  {c['failed_infrastructure']} of the failures are the infrastructure's (credentials, throttling, "
                      f"network, memory, device): not counted toward --max-attempts, retried by the next run")
+    rem = result.get("removal") or {}
+    if rem:
+        lines.append(f"removed {c.get('removed_rows', 0)} rows of changed and deleted objects ({rem['mechanism']}: "
+                     f"{rem['files_touched']} files touched, {rem['files_rewritten']} rewritten, "
+                     f"{rem['bytes_written'] / 2**20:.1f} MiB written)"
+                     + (f"; compaction dropped {c['compacted_rows']} deleted rows" if c.get("compacted_rows") else ""))
     lines.append("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in result["timings_s"].items()))
     busy = result.get("embed_busy") or {}
     lines.append(f"throughput {result['throughput_images_per_s']:.1f} images/s; wall {result['wall_s']:.1f} s"

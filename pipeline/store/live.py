@@ -216,7 +216,8 @@ def read_live(uri: str, columns: list[str] | None = None, *, version: int | None
     for col, values in (where or {}).items():
         e = pc.field(col).isin(list(values))
         expr = e if expr is None else expr & e
-    parts = [read_file(uri, f, columns, filter=expr) for f in tf.files if _may_hold(f, where)]
+    wanted = columns + [c for c in (where or {}) if c not in columns]
+    parts = [read_file(uri, f, wanted, filter=expr).select(columns) for f in tf.files if _may_hold(f, where)]
     target = pa.schema([schema.field(c) for c in columns])
     parts = [_conform(p, target) for p in parts if p.num_rows]
     return pa.concat_tables(parts) if parts else target.empty_table()

@@ -49,6 +49,8 @@ def test_every_reader_sees_the_live_rows_only(changed_table):
 
     t = live.read_live(uri, ["image_id", "etag"])
     assert sorted(t.column("image_id").to_pylist()) == live_ids
+    by_uri = live.read_live(uri, ["image_id"], where={"uri": ["s3://b/img_5.jpg", "s3://b/img_9.jpg"]})
+    assert by_uri.column("image_id").to_pylist() == [5]  # the live row of 5 (its new one); 9 is gone
     snap = TableSnapshot(uri)
     assert snap.n == 39 and len(snap.paths) == 3 and bool(snap.dvs) == (mech == removal.DELETION_VECTORS)
     from_files = pa.concat_tables([read_file(p, uri, ["image_id", "etag"], snap.dv_of(p)) for p in snap.paths])

@@ -11,7 +11,7 @@ from sparse_embed.pipeline.embed.run import EmbedConfig
 
 ENC = SimpleNamespace(spec=SimpleNamespace(model="resnet18"), model_version="resnet18-abc", dim=512)
 KEYS = {"run_id", "config", "model", "model_version", "dim", "counts", "error_rate", "actor_pool", "embed_busy",
-        "timings_s", "wall_s", "throughput_images_per_s", "table_versions", "promoted_model_version", "index_id"}
+        "timings_s", "wall_s", "throughput_images_per_s", "table_versions", "promoted_model_version", "index_id", "removal"}
 
 
 def _facts(**changes) -> RunFacts:
@@ -19,7 +19,8 @@ def _facts(**changes) -> RunFacts:
         counts={"listed": 12, "new": 10, "changed": 1, "deleted": 2, "unchanged": 1, "retried": 1, "gave_up": 0},
         processed=12, first_tries=10, embedded=9, failed_by_reason={"decode:NotAnImage": 2, "decode:DecodeError": 1},
             failed_by_kind={"object": {"decode:NotAnImage": 2, "decode:DecodeError": 1}, "infrastructure": {}},
-        failed_first=2, recovered=4, masked=3, compacted=0, pool={"size": 2, "num_gpus": 0, "num_cpus": 0.75, "decode_cpus": 0.25},
+        failed_first=2, recovered=4, removed=3, compacted=0,
+        removal={"mechanism": "copy-on-write", "files_touched": 1, "files_rewritten": 1, "bytes_written": 100, "version": 4}, pool={"size": 2, "num_gpus": 0, "num_cpus": 0.75, "decode_cpus": 0.25},
         embed_seconds={"h:2": 1.0, "h:1": 3.0}, embed_stage_s=4.0,
         timings_s={"list": 1.0, "fetch+decode+embed+write": 4.0}, wall_s=9.5,
         versions_before={"embeddings": 3, "errors": None}, versions_after={"embeddings": 5, "errors": 1},
@@ -42,7 +43,8 @@ def test_report_keys_and_values():
                            "failed_by_reason": {"decode:NotAnImage": 2, "decode:DecodeError": 1},
                            "failed_first_try": 2, "recovered_rows": 4, "failed_object": 3,
                            "failed_infrastructure": 0, "failed_infrastructure_by_reason": {},
-                           "masked_rows": 3, "compacted_rows": 0}
+                           "removed_rows": 3, "compacted_rows": 0, "converted_rows": 0}
+    assert r["removal"]["mechanism"] == "copy-on-write" and r["removal"]["files_rewritten"] == 1
     assert r["error_rate"] == pytest.approx(2 / 10)
     assert r["throughput_images_per_s"] == pytest.approx(12 / 4.0)
     assert r["embed_busy"] == {"fraction": 0.5, "by_actor": {"h:1": 0.75, "h:2": 0.25}}

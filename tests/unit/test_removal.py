@@ -144,3 +144,13 @@ def test_the_commands_compact_and_enable_deletion_vectors(tmp_path, capsys):
     assert live.row_counts(uri) == (39, 0)
     assert_live_rows(uri, _expected(sorted(set(range(40)) - {9}), {5: "e2", 7: "e2"}), deletion_vectors=True)
     assert main(["compact", "--out", str(tmp_path / "nowhere")]) == 2
+
+
+def test_a_checkpoint_keeps_the_deletion_vectors(changed_table):
+    """Readers replay the log from the newest checkpoint: the vectors must survive it."""
+    uri, _, _, mech = changed_table
+    tables.open_table(uri).create_checkpoint()
+    write_table(uri, unit_vectors(1, D, seed=9), np.array([100], dtype="int64"), files=1)  # a commit after it
+    assert sum(f.deleted for f in live.table_files(uri).files) == (3 if mech == removal.DELETION_VECTORS else 0)
+    live_ids = sorted((set(range(40)) - {9}) | {100})
+    assert_live_rows(uri, _expected(live_ids, {5: "e2", 7: "e2"}), deletion_vectors=mech == removal.DELETION_VECTORS)

@@ -252,6 +252,8 @@ def _write_embeddings(cfg: EmbedConfig, todo, enc, pool: dict, sink, counter) ->
         num_gpus=pool["num_gpus"], num_cpus=pool["num_cpus"],
     )
     ds.write_datasink(sink, ray_remote_args={"num_cpus": pool["decode_cpus"]})
+    if log.isEnabledFor(logging.DEBUG):  # -v: Ray Data's per-operator wall, CPU and block figures
+        log.debug("Ray Data stats of the embed stage:\n%s", ds.stats())
 
 
 def _table_versions(root: str) -> dict:

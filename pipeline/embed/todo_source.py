@@ -71,7 +71,12 @@ def _todo_source_class():
             super().__init__()
             # Each range is a whole number of blocks (but a file's last), so that Ray's
             # split of a read task's output into blocks_per_task pieces cuts at block_rows.
-            self.blocks_per_task = max(1, ROWS_PER_READ_TASK // block_rows)
+            # No more blocks per task than the longest file holds: Ray splits every task's
+            # output into the same number of blocks, and a run shorter than one full range
+            # (every small run) was cut into 2,048 one-row blocks, which the decode tasks then
+            # waited on (actors busy 28% of the stage; BENCHMARKS.md, pipeline throughput).
+            longest = max(rows, default=0)
+            self.blocks_per_task = max(1, min(ROWS_PER_READ_TASK // block_rows, -(-longest // block_rows)))
             self.ranges = read_ranges(paths, rows, per_task=block_rows * self.blocks_per_task)
             self.block_rows, self.schema = block_rows, schema
 

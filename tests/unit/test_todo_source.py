@@ -60,3 +60,13 @@ def test_ray_data_reads_every_row_once_in_blocks_of_the_asked_rows(tmp_path, ray
     ray.util.remove_placement_group(hold)
     assert ids == list(range(750))
     assert max(r["n"] for r in sizes) == 32 and len(sizes) >= 750 // 32
+
+
+def test_a_run_shorter_than_one_read_range_is_not_cut_into_one_row_blocks(tmp_path, ray_local):
+    """A 100-row run in blocks of 32: 4 blocks of ~25-32 rows, not ROWS_PER_READ_TASK // 32 = 2,048
+    pieces of one row each (what starved the embed actors: BENCHMARKS.md, pipeline throughput)."""
+    paths = [_todo_file(tmp_path / "b0.parquet", 0, 100, row_group=128)]
+    ds = read_todo(TodoParts(paths, [100], 100, 100), block_rows=32, num_cpus=0.25)
+    sizes = [r["n"] for r in ds.map_batches(lambda b: pa.table({"n": [b.num_rows]}), batch_format="pyarrow",
+                                             batch_size=None, num_cpus=0.25).take_all()]
+    assert sum(sizes) == 100 and len(sizes) == 4 and min(sizes) >= 25, sizes

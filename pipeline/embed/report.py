@@ -78,6 +78,21 @@ def busy_report(embed_seconds: dict, pool: dict, stage_s: float) -> dict:
             "by_actor": {a: round(s / stage_s, 4) for a, s in sorted(embed_seconds.items())}}
 
 
+BUSY_EXPECTED = 0.6  # busy share of the stage below which a long enough run says the actors starved
+STARVED_MIN_BATCHES = 20  # embed batches per actor before the share means anything (actor start-up is ~7 s)
+
+
+def starved(result: dict) -> bool:
+    """Whether the embed actors waited for input for much of a run long enough to tell
+    (BUSY_EXPECTED; runs under STARVED_MIN_BATCHES batches per actor are mostly start-up)."""
+    busy, pool = result.get("embed_busy") or {}, result.get("actor_pool") or {}
+    batch = (result.get("config") or {}).get("embed_batch_size") or 32
+    if not busy.get("by_actor") or not pool.get("size"):
+        return False
+    long_enough = result["counts"].get("processed", 0) >= STARVED_MIN_BATCHES * batch * pool["size"]
+    return long_enough and busy["fraction"] < BUSY_EXPECTED
+
+
 def build_report(cfg, enc, facts: RunFacts) -> dict:
     """The run report: cfg is the run's EmbedConfig, enc its encoder (spec, model_version, dim).
     The error rate counts objects tried for the first time at their etag: a known-bad
@@ -138,6 +153,10 @@ def summary(result: dict) -> str:
     busy = result.get("embed_busy") or {}
     lines.append(f"throughput {result['throughput_images_per_s']:.1f} images/s; wall {result['wall_s']:.1f} s"
                  + (f"; embed actors busy {busy['fraction']:.0%} of the stage" if busy.get("by_actor") else ""))
+    if starved(result):
+        lines.append(f"  the embed actors waited for input {1 - busy['fraction']:.0%} of the stage (expected busy >= "
+                     f"{BUSY_EXPECTED:.0%} on a run of {STARVED_MIN_BATCHES} batches per actor or more): decode or "
+                     f"fetch is the bottleneck, see README 'How busy the model is'")
     lines.append(f"tables {result['table_versions']['before']} -> {result['table_versions']['after']}; index {result['index_id']}")
     return "\n".join(lines) + "\n"
 

@@ -67,3 +67,13 @@ def test_report_of_a_run_with_nothing_to_do():
 def test_busy_report_counts_an_idle_actor_in_the_pool():
     assert busy_report({"a": 2.0}, {"size": 2}, 4.0) == {"fraction": 0.25, "by_actor": {"a": 0.5}}
     assert busy_report({"a": 2.0}, {"size": 2}, 0.0) == {"fraction": 0.0, "by_actor": {}}
+
+
+def test_a_long_run_whose_actors_waited_says_so_and_a_short_one_does_not():
+    # 2 actors x 20 batches of 32 = 1,280 images at least; busy 0.5 of the stage
+    long_starved = build_report(_cfg(), ENC, _facts(processed=2000, embed_seconds={"h:1": 5.0, "h:2": 5.0},
+                                                    embed_stage_s=10.0))
+    assert "waited for input 50% of the stage" in summary(long_starved)
+    busy = build_report(_cfg(), ENC, _facts(processed=2000, embed_seconds={"h:1": 9.0, "h:2": 8.0}, embed_stage_s=10.0))
+    assert "waited for input" not in summary(busy)
+    assert "waited for input" not in summary(build_report(_cfg(), ENC, _facts()))  # 12 images: start-up dominates

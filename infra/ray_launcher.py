@@ -44,6 +44,9 @@ def ensure_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> d
             ray.init(address=address, runtime_env=runtime_env, **verbosity)
         else:
             log.info("starting a local Ray")
+            # Token authentication on, said explicitly: left unset, Ray turns it on for a new
+            # local cluster anyway and warns about it on every run (nothing to act on).
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
             # Its workers inherit this process's environment: secrets need not (and must
             # not, see SECRET_VARS) travel in the runtime_env.
             runtime_env = {"env_vars": forwarded_env(secrets=False)}

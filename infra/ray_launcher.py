@@ -37,6 +37,12 @@ def ensure_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> d
     if not ray.is_initialized():
         # logging_level: the driver's "ray" logger ("Started a local Ray instance" is INFO).
         verbosity = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.WARNING}
+        if not loud:
+            # Ray's C++ core worker in this process logs to stderr; at default verbosity only
+            # fatal lines. Its error lines there are not the user's to act on (every Ray Data
+            # actor pool logs one about constructor arguments and max_restarts, ray#53727);
+            # failures reach the user as exceptions. Read when ray.init starts the core worker.
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         runtime_env = {"env_vars": forwarded_env()}
         address = os.environ.get("RAY_ADDRESS")
         if address:
@@ -44,9 +50,11 @@ def ensure_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> d
             ray.init(address=address, runtime_env=runtime_env, **verbosity)
         else:
             log.info("starting a local Ray")
-            # Token authentication on, said explicitly: left unset, Ray turns it on for a new
-            # local cluster anyway and warns about it on every run (nothing to act on).
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            if not loud:
+                # Ray turns token authentication on for a new local cluster and warns about it
+                # on every run: nothing to act on (-v shows it). Setting RAY_AUTH_MODE here
+                # instead would come too late: Ray reads it when it is imported.
+                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             # Its workers inherit this process's environment: secrets need not (and must
             # not, see SECRET_VARS) travel in the runtime_env.
             runtime_env = {"env_vars": forwarded_env(secrets=False)}

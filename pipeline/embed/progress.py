@@ -251,12 +251,9 @@ class RowCounter:
     arrive in no set order, so the sum can lag the rows already done by a few batches."""
 
     def __init__(self):
-        import uuid
-
         import ray
 
-        self.name = f"sparse-embed-rows-{uuid.uuid4().hex[:12]}"  # what the embed actors look it up by
-        self.handle = ray.remote(num_cpus=0)(_Sum).options(name=self.name).remote()
+        self.handle = ray.remote(num_cpus=0)(_Sum).remote()
 
     def rows(self, timeout_s: float = 5.0) -> int:
         import ray
@@ -272,16 +269,10 @@ class RowCounter:
 class CountRows:
     """A Ray Data callable class around another one: builds `inner(**inner_kwargs)` once per
     actor, runs it on each batch, and adds the output's row count to `counter` (a
-    RowCounter's name, looked up here, or a handle). The output is returned unchanged.
-    By name, not by handle: Ray Data's actors restart (max_restarts > 0), and Ray logs an
-    error line for every actor given an actor handle as a constructor argument (ray#53727)."""
+    RowCounter's handle). The output is returned unchanged."""
 
     def __init__(self, *, inner: type, inner_kwargs: dict, counter):
         self.inner = inner(**inner_kwargs)
-        if isinstance(counter, str):
-            import ray
-
-            counter = ray.get_actor(counter)
         self.counter = counter
 
     def __call__(self, batch):

@@ -211,7 +211,7 @@ def _embed_todo(cfg: EmbedConfig, todo, root: str, enc, timer: StageTimer) -> tu
     counter = RowCounter()
     try:
         with timer.stage(EMBED_STAGE, unit="images", total=todo.num_rows, poll=counter.rows) as progress:
-            _write_embeddings(cfg, todo, enc, pool, sink, counter.name)
+            _write_embeddings(cfg, todo, enc, pool, sink, counter.handle)
             progress.update(sum(sink.result.rows.values()))
     finally:
         counter.close()

@@ -1,0 +1,40 @@
+"""Commands end cleanly: exit 0, and nothing on stderr that is not the user's to act on
+(Ray's actor-restart error line, its token-authentication warning) or that comes after the
+last line of output (a native thread aborting at interpreter exit: `terminate called
+without an active exception`, exit 134). Local source and output; the CLI in subprocesses."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import SPEC
+from sparse_embed.infra.synthetic_images import generate
+
+pytestmark = pytest.mark.integration
+
+SEARCHES = 20  # README, "Tests": `search` runs this many times in the default suite
+
+
+def _cli(*argv, env=None):
+    env = {k: v for k, v in (env or os.environ).items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    return subprocess.run([sys.executable, "-m", "sparse_embed.jobs.cli", *argv], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_embed_then_search_exit_cleanly_every_time(tmp_path):
+    src, out = tmp_path / "images", tmp_path / "out"
+    for im in generate(6, seed=61, variants=("jpeg",), min_side=32, max_side=48):
+        path = src / im.key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(im.data)
+    embed = _cli("embed", f"{src}/", "--out", str(out), "--model", SPEC["model"], "--index-shards", "1")
+    assert embed.returncode == 0, embed.stderr[-2000:]
+    for noise in ("core_worker", "max_restarts", "Token authentication", "terminate called"):
+        assert noise not in embed.stderr, f"{noise!r} on stderr:\n{embed.stderr[-2000:]}"
+    for i in range(SEARCHES):
+        r = _cli("search", "--index", str(out / "index"), "--image-id", "3", "-k", "5")
+        assert r.returncode == 0 and r.stderr == "", f"run {i}: exit {r.returncode}, stderr {r.stderr[-500:]!r}"
+        assert len(r.stdout.splitlines()) == 6  # the query line and five results

@@ -82,7 +82,7 @@ def test_driver_killed_in_a_stage_then_rerun_is_exactly_once(ray_local, bucket, 
 
 
 REMOVAL_POINTS = [
-    pytest.param("[remove] start", id="copy-on-write-rewrite"),  # the removal tasks are rewriting files
+    pytest.param("[remove] start", id="copy-on-write-rewrite", marks=pytest.mark.slow),  # the removal tasks are rewriting
     pytest.param("[remove] committed", id="after-deletion-commit", marks=pytest.mark.slow),  # before the data commit
 ]
 

@@ -293,25 +293,19 @@ def _files_since(snap: TableSnapshot, version: int | None) -> list[str]:
 
 
 def _appended_since(snap: TableSnapshot, version: int | None) -> list[str] | None:
-    """The snapshot's data files that append commits added since `version`: where a
-    nightly's new and changed rows are (its tombstone files are appends too, and are left
-    out; a compaction's merge-delete rewrites files with old rows only). None when the log
-    between the versions is not all appends and deletes."""
-    appended = _log_appends(snap, version)
-    if appended is None:
-        return None
-    data_files = set(snap.paths)
-    return [p for p in appended if p in data_files]
-
-
-def _log_appends(snap: TableSnapshot, version: int | None) -> list[str] | None:
-    """Every file (data and tombstone) that append commits added after `version` up to the
-    snapshot's (tables.appended_files); None when the log cannot tell or there is no span."""
+    """The snapshot's data files that append commits added since `version` (where a
+    nightly's new and changed rows are; removal commits, DELETE, rewrite files with old
+    rows only: tables.appended_files). None when the log between the versions is not all
+    appends and deletes, or there is no span."""
     from sparse_embed.pipeline.store import tables
 
     if version is None or version >= snap.version:
         return None
-    return tables.appended_files(snap.uri, version, snap.version)
+    appended = tables.appended_files(snap.uri, version, snap.version)
+    if appended is None:
+        return None
+    data_files = set(snap.paths)
+    return [p for p in appended if p in data_files]
 
 
 def _added_rows(snap: TableSnapshot, parent_version: int | None, added):

@@ -255,7 +255,7 @@ def commit_files(uri: str, files: list[tuple], schema, *, mode: str = "append") 
     return dt.version()
 
 
-REWRITE_ONLY_OPERATIONS = ("MERGE", "DELETE")  # as this project runs them (delete_matching): no row is added
+REWRITE_ONLY_OPERATIONS = ("MERGE", "DELETE")  # delete_matching and removal.py commits: they add no new row
 
 
 def appended_files(uri: str, since: int, until: int) -> list[str] | None:

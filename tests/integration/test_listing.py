@@ -44,7 +44,7 @@ def test_nested_prefixes_are_discovered_and_listed_by_parallel_tasks(bucket, ray
             + ["c.jpg", "a/readme.txt"])
     storage.put_many(f"{bucket}/src/", {k: b"x" * (1 + len(k)) for k in keys})
     single = list_objects(f"{bucket}/src/")
-    sizes = s3_listing.Sizes(page_keys=20, pages_per_task=2, discovery_parts=8, discovery_pages=3)
+    sizes = s3_listing.Sizes(page_keys=20, pages_per_task=2, discovery_parts=8, discovery_pages=3, inline_pages=0)
     got, stats = _listed_by_tasks(f"{bucket}/src/", f"{bucket}/out/listing", sizes)
     assert got.equals(single) and got.num_rows == len(keys) - 1
     assert stats["parts_at_start"] >= 4, "prefixes were discovered below the first level"
@@ -56,11 +56,23 @@ def test_flat_bucket_is_split_by_key_ranges(bucket, ray_local):
     keys = [f"img_{i:05d}.jpg" for i in range(2500)] + [f"IMG-{i}.JPG" for i in range(0, 300, 7)] + ["~z.gif", "0.png"]
     storage.put_many(f"{bucket}/", {k: k.encode() for k in keys})
     single = list_objects(f"{bucket}/")
-    sizes = s3_listing.Sizes(page_keys=50, pages_per_task=2)
+    sizes = s3_listing.Sizes(page_keys=50, pages_per_task=2, inline_pages=0)
     got, stats = _listed_by_tasks(f"{bucket}/", f"{bucket}/out-listing/listing", sizes)
     assert got.equals(single) and got.num_rows == len(keys)
     assert stats["parts_at_start"] == 1, "a flat bucket has nothing to discover"
     assert stats["tasks"] >= 2500 // 100 and stats["most_keys_in_a_task"] <= 100
+
+
+def test_the_driver_lists_the_first_pages_and_tasks_the_rest(bucket, ray_local):
+    keys = [f"p{i % 3}/img_{i:04d}.jpg" for i in range(600)] + ["top.jpg"]
+    storage.put_many(f"{bucket}/src/", {k: b"x" for k in keys})
+    single = list_objects(f"{bucket}/src/")
+    small, small_stats = _listed_by_tasks(f"{bucket}/src/", f"{bucket}/out/small", s3_listing.Sizes(page_keys=50))
+    assert small.equals(single) and small_stats["tasks"] == 0, "a bucket within the driver's pages starts no task"
+    sizes = s3_listing.Sizes(page_keys=50, pages_per_task=2, inline_pages=3)
+    got, stats = _listed_by_tasks(f"{bucket}/src/", f"{bucket}/out/split", sizes)
+    assert got.equals(single) and got.num_rows == len(keys)
+    assert stats["pages_in_driver"] >= 3 and stats["tasks"] >= 2, "the rest went to tasks"
 
 
 def test_missing_prefix_lists_nothing(bucket, ray_local):

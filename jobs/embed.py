@@ -6,6 +6,7 @@ import argparse
 from sparse_embed.pipeline.store.tables import ROWS_PER_FILE
 
 from sparse_embed.pipeline.embed.decode import ALLOWED_FORMATS
+from sparse_embed.pipeline.embed.deletion_guard import DEFAULT_LIMIT
 
 from .options import (add_encoder_arguments, add_lock_arguments, encoder_spec, fraction, non_negative_float, pillow_formats,
                       positive_float, positive_int)
@@ -51,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-empty-source", action="store_true",
                    help="run even when SOURCE lists no matching object: every row of the table is then deleted "
                         "(without it, an empty SOURCE is an error, so a wrong prefix never empties the table)")
+    g.add_argument("--max-delete", default=DEFAULT_LIMIT, metavar="LIMIT",
+                   help="stop with exit 2, changing nothing, when more embedded objects than this are missing from the "
+                        "listing: a share of the table's rows (10%%, 0.1) or a count (500) (default %(default)s); a "
+                        "shrunken listing (a missing mount, a wrong inventory prefix) then never empties the table")
+    g.add_argument("--allow-mass-delete", action="store_true",
+                   help="remove the rows of missing objects whatever their number (a deliberate purge)")
     add_lock_arguments(g)
     g.add_argument("--deletion-vectors", action="store_true",
                    help="a new embeddings table removes changed and deleted rows with Delta deletion vectors instead of "
@@ -71,6 +78,7 @@ def run(args) -> int:
         actors=args.actors, actor_cpus=args.actor_cpus, decode=args.decode, actor_wait_s=args.actor_wait, max_pixels=args.max_pixels, formats=tuple(args.formats),
         max_error_rate=args.max_error_rate, max_attempts=args.max_attempts, build_index=args.build_index, index_shards=args.index_shards,
         lock_wait_s=args.wait, inventory=args.inventory, deletion_vectors=args.deletion_vectors,
+        max_delete=args.max_delete, allow_mass_delete=args.allow_mass_delete, allow_empty_source=args.allow_empty_source,
     )
     check_inputs(cfg, allow_empty=args.allow_empty_source)
     result = run_embed(cfg)

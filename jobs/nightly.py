@@ -46,6 +46,7 @@ def run(args) -> int:
         max_error_rate=cfg.max_error_rate, max_attempts=cfg.max_attempts, build_index=cfg.index,
         index_shards=cfg.index_shards, compile=cfg.compile, rows_per_file=cfg.rows_per_file, formats=tuple(cfg.formats),
         lock_ttl_s=cfg.lock_ttl_s, lock_wait_s=args.wait, inventory=cfg.inventory, deletion_vectors=cfg.deletion_vectors,
+        max_delete=cfg.max_delete, allow_mass_delete=cfg.allow_mass_delete, allow_empty_source=cfg.allow_empty_source,
     )
     # run_embed holds the output lock: LockHeld / LockLost become exit 3 in the CLI.
     result = run_embed(embed_cfg)

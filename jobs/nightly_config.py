@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from sparse_embed.pipeline.embed.decode import ALLOWED_FORMATS, check_formats
+from sparse_embed.pipeline.embed.deletion_guard import DEFAULT_LIMIT, DeleteLimit
 from sparse_embed.pipeline.store.tables import ROWS_PER_FILE
 
 from .options import POOLS, PRECISIONS
@@ -34,6 +35,8 @@ max_attempts: 3                   # failures at one ETag before an object is lef
 lock_ttl_s: 900                   # a lock without heartbeat for this long is stale
 index: true                       # update the index after embedding
 allow_empty_source: false         # true: a source listing no matching object empties the table
+max_delete: 10%                   # stop, changing nothing, when more listed objects than this vanish (share or count)
+allow_mass_delete: false          # true: remove the rows of vanished objects whatever their number
 deletion_vectors: false           # true: a new table removes rows with Delta deletion vectors (not copy-on-write)
 inventory: null                   # s3://.../manifest.json of an S3 Inventory report (CSV or Parquet) to use as the listing
 """
@@ -66,6 +69,8 @@ class NightlyConfig:
     index: bool = True
     index_shards: int | None = None
     allow_empty_source: bool = False  # true: a source with no matching object empties the table instead of failing
+    max_delete: str = DEFAULT_LIMIT  # as `embed --max-delete`: a share ("10%", 0.1) or a count (500)
+    allow_mass_delete: bool = False  # as `embed --allow-mass-delete`
     inventory: str | None = None  # an S3 Inventory manifest.json read as the listing instead of listing the source
     deletion_vectors: bool = False  # as `embed --deletion-vectors`
 
@@ -76,6 +81,14 @@ _TYPES = {f.name: f.type for f in dataclasses.fields(NightlyConfig)}
 def _check(name: str, value, expected: str, ok: bool) -> None:
     if not ok:
         raise ValueError(f"nightly config field {name!r}: expected {expected}, got {value!r}")
+
+
+def _limit_ok(v) -> bool:
+    try:
+        DeleteLimit.parse(v)
+        return True
+    except ValueError:
+        return False
 
 
 def parse(doc) -> NightlyConfig:
@@ -97,7 +110,7 @@ def parse(doc) -> NightlyConfig:
         _check("model_args", doc["model_args"], "a mapping of create-model keywords", isinstance(doc["model_args"], dict))
     if "pool" in doc:
         _check("pool", doc["pool"], f"one of {list(POOLS)}", doc["pool"] in POOLS)
-    for name in ("fuse_last_two", "index", "compile", "allow_empty_source", "deletion_vectors"):
+    for name in ("fuse_last_two", "index", "compile", "allow_empty_source", "deletion_vectors", "allow_mass_delete"):
         if name in doc:
             _check(name, doc[name], "true or false", isinstance(doc[name], bool))
     if "extensions" in doc:
@@ -120,6 +133,11 @@ def parse(doc) -> NightlyConfig:
         if doc.get(name) is not None:
             v = doc[name]
             _check(name, v, "an integer >= 1 or null", isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+    if "max_delete" in doc:
+        v = doc["max_delete"]
+        _check("max_delete", v, "a share of the table's rows (10%, 0.1) or a count of rows (500)",
+               isinstance(v, (str, int, float)) and not isinstance(v, bool) and _limit_ok(v))
+        doc = doc | {"max_delete": str(v)}
     if "max_error_rate" in doc:
         v = doc["max_error_rate"]
         _check("max_error_rate", v, "a number in [0, 1]", isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1)

@@ -64,6 +64,7 @@ class RunFacts:
     removal: dict = field(default_factory=dict)  # how: mechanism, files touched / rewritten, bytes written
     compacted: int = 0  # deleted rows a compaction dropped from rewritten files; 0 when none was due
     converted: int = 0  # rows a table from before 2026-12 masked with tombstones, removed by this run
+    deletion_guard: dict = field(default_factory=dict)  # deletion_guard.check's figures (deleted rows, share, limit)
 
 
 def busy_report(embed_seconds: dict, pool: dict, stage_s: float) -> dict:
@@ -112,6 +113,7 @@ def build_report(cfg, enc, facts: RunFacts) -> dict:
                               "recovered_rows": f.recovered, "removed_rows": f.removed, "compacted_rows": f.compacted,
                               "converted_rows": f.converted},
         "removal": f.removal,
+        "deletion_guard": f.deletion_guard,
         "error_rate": (f.failed_first / f.first_tries) if f.first_tries else 0.0,
         "actor_pool": f.pool,
         "embed_busy": busy_report(f.embed_seconds, f.pool, f.embed_stage_s),

@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 
 from sparse_embed.pipeline.embed import listing, report
 from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.embed.deletion_guard import DEFAULT_LIMIT, DeleteLimit
 from sparse_embed.pipeline.embed.timing import StageTimer
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ class EmbedConfig:
     parallel_listing: bool = True  # Ray tasks list key ranges (S3) or first-level directories (local)
     inventory: str | None = None  # an S3 Inventory manifest.json to read as the listing instead of listing SOURCE
     build_index: bool = True
+    max_delete: str = DEFAULT_LIMIT  # deletion_guard.DeleteLimit: rows of vanished objects a run may remove
+    allow_mass_delete: bool = False  # remove them whatever their number (a deliberate purge)
+    allow_empty_source: bool = False  # a listing of nothing empties the table instead of failing
     deletion_vectors: bool = False  # a new embeddings table removes rows with deletion vectors (store/removal.py)
     index_shards: int | None = None
     lock_ttl_s: float = 600.0  # a dead run's output lock expires this long after its last heartbeat
@@ -74,6 +78,7 @@ class EmbedConfig:
                 raise ValueError(f"Expected {name} >= 1, got {getattr(self, name)!r}")
         if self.decode not in ("cpu", "device", "auto"):
             raise ValueError(f"Expected --decode cpu, device or auto, got {self.decode!r}")
+        DeleteLimit.parse(self.max_delete)
         if self.actor_wait_s < 0:
             raise ValueError(f"Expected --actor-wait >= 0, got {self.actor_wait_s!r}")
         if self.actors is not None and self.actors < 1:
@@ -262,13 +267,26 @@ def _table_versions(root: str) -> dict:
 
 def _diff_and_clear(cfg: EmbedConfig, root: str, enc, listed):
     """The diff of `listed` against root's tables, in Ray tasks over hash(uri) buckets
-    (todo.py); removes the stale embedding rows (one commit; a deletion-vector table
-    compacts when due), deletes the error rows about to be retried and commits the new image_ids.
-    Returns the todo.TodoParts."""
-    from sparse_embed.pipeline.embed.todo import build_todo
+    (todo.py); the deletion guard; removes the stale embedding rows (one commit; a
+    deletion-vector table compacts when due), deletes the error rows about to be retried
+    and commits the new image_ids. Returns the todo.TodoParts."""
+    from sparse_embed.pipeline.embed.todo import Guard, build_todo
 
+    if not listed.num_rows and not cfg.allow_empty_source:
+        raise FileNotFoundError(f"No images to embed: the {_listing_from(cfg)} holds no object under SOURCE {cfg.source!r} "
+                                f"matching the filters: check SOURCE{' and --inventory' if cfg.inventory else ''} "
+                                f"(or --allow-empty-source to empty the table on purpose)")
+    guard = Guard(DeleteLimit.parse(cfg.max_delete), cfg.allow_mass_delete or (cfg.allow_empty_source and not listed.num_rows),
+                  _listing_from(cfg), cfg.source)
     return build_todo(out=cfg.out, root=root, listed=listed, run_id=cfg.run_id, model_version=enc.model_version,
-                      max_attempts=cfg.max_attempts, dim=enc.dim)
+                      max_attempts=cfg.max_attempts, dim=enc.dim, guard=guard)
+
+
+def _listing_from(cfg: EmbedConfig) -> str:
+    """Where the run's listing came from, for the guard's messages and the report."""
+    if cfg.inventory:
+        return f"inventory {cfg.inventory}"
+    return "parallel listing" if cfg.parallel_listing else "listing"
 
 
 def _update_index(cfg: EmbedConfig, timer: StageTimer) -> str | None:
@@ -339,7 +357,7 @@ def _run_embed_locked(cfg: EmbedConfig) -> dict:
         counts=todo.counts, processed=todo.num_rows, first_tries=todo.first_tries,
         embedded=embedded, failed_by_reason=failed_by_reason, failed_by_kind=failed_by_kind, failed_first=failed_first,
         recovered=recovered, removed=todo.removed, removal=todo.removal, compacted=todo.compacted,
-        converted=todo.converted,
+        converted=todo.converted, deletion_guard=todo.guard,
         pool=pool, embed_seconds=embed_seconds, embed_stage_s=timer.seconds(EMBED_STAGE), timings_s=timer.as_dict(),
         wall_s=time.time() - started, versions_before=versions_before, versions_after=_table_versions(cfg.out),
         promoted=promoted, index_id=index_id))

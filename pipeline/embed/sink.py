@@ -237,7 +237,10 @@ def remove_markers(root: str, files: list[WrittenFile]) -> None:
 def recover_pending(root: str, *, dim: int, model_version: str) -> int:
     """Commit files that an earlier run wrote but never committed, keeping only rows whose
     (uri, etag) the table does not hold yet; files of another model_version are dropped
-    (their objects are embedded again by the diff). Returns the rows committed."""
+    (their objects are embedded again by the diff). Each pending file is handled once; a
+    file partly in the table is trimmed into a new file whose marker is written before
+    the old one goes, so a recovery killed at any step is finished by the next. Returns
+    the rows committed."""
     fs = storage.filesystem(root)
     base = storage.strip_scheme(storage.join(root, "_pending"))
     try:
@@ -246,7 +249,13 @@ def recover_pending(root: str, *, dim: int, model_version: str) -> int:
         return 0
     if not paths:
         return 0
-    files = [WrittenFile(**json.loads(body)) for body in fs.cat(paths, on_error="raise").values()]  # concurrent GETs on S3
+    found = {}
+    for body in fs.cat(paths, on_error="raise").values():  # concurrent GETs on S3
+        f = WrittenFile(**json.loads(body))
+        found[(f.table, f.path)] = f
+    # Fewest rows first: a file trimmed by a recovery that was killed before it dropped the
+    # old marker comes before the file it was cut from, which then has nothing left to add.
+    files = sorted(found.values(), key=lambda f: (f.rows, f.path))
     keep = []
     for f in files:
         rows = _pending_rows(root, f)
@@ -273,8 +282,8 @@ def recover_pending(root: str, *, dim: int, model_version: str) -> int:
             new = _rows_not_in(rows, held)
             if new is None:  # no row of it is in the table (commit_files skips a file it already holds)
                 ready.append(f)
-            elif new.num_rows == 0:
-                _drop(root, f, keep_data=_committed(root, f))
+            elif new.num_rows == 0:  # never delete a file this recovery is about to commit
+                _drop(root, f, keep_data=_committed(root, f) or any(r.path == f.path for r in ready))
             else:  # some rows are already in the table: commit only the others, from a new file
                 import pyarrow as pa
                 import pyarrow.parquet as pq

@@ -29,7 +29,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from sparse_embed.pipeline.embed import buckets
+from sparse_embed.pipeline.embed import buckets, deletion_guard
+from sparse_embed.pipeline.embed.deletion_guard import DeleteLimit
 from sparse_embed.pipeline.embed.todo_source import TODO_ROW_GROUP
 from sparse_embed.pipeline.store import live, removal, storage, tables
 from sparse_embed.pipeline.store.lock import owner_for_tasks
@@ -56,6 +57,16 @@ class TodoParts:
     removal: dict = field(default_factory=dict)  # mechanism, files touched and rewritten, bytes written
     compacted: int = 0  # deleted rows a compaction dropped from rewritten files; 0 when none ran
     converted: int = 0  # rows masked by tombstones of an older table, removed in its conversion
+    guard: dict = field(default_factory=dict)  # deletion_guard.check's figures
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What the deletion guard needs (deletion_guard.py)."""
+    limit: DeleteLimit
+    allow: bool
+    listing_from: str
+    source: str
 
     def schema(self):
         """The todo files' Arrow schema (image_id, uri, etag, size, mtime, attempts), from
@@ -208,9 +219,11 @@ def ids_task(work: str, k: int, start: int, ids_uri: str, run_id: str) -> tuple:
     return rel, tables.write_parquet_file(ids_uri, rel, fresh), fresh.num_rows
 
 
-def build_todo(*, out: str, root: str, listed, run_id: str, model_version: str, max_attempts: int, dim: int) -> TodoParts:
+def build_todo(*, out: str, root: str, listed, run_id: str, model_version: str, max_attempts: int, dim: int,
+               guard: Guard | None = None) -> TodoParts:
     """Steps 1-4 (module docstring) for `listed` (a listing.Listed) against root's tables and
-    <out>/image_ids: removes the stale embedding rows (one commit, by the table's
+    <out>/image_ids: checks the deletion guard before any commit (MassDelete: nothing is
+    changed; None: no guard), removes the stale embedding rows (one commit, by the table's
     mechanism; `dim` is the table's), compacts a deletion-vector table when due, deletes
     the error rows about to be retried, and commits the new ids (one append)."""
     import ray
@@ -242,6 +255,12 @@ def build_todo(*, out: str, root: str, listed, run_id: str, model_version: str, 
         raise RuntimeError(f"{emb_uri} mixes model versions: refusing to add to it")
     diffs = ray.get([ray.remote(num_cpus=0.5)(diff_task).remote(work, k, max_attempts, file_buckets) for k in range(n)])
     counts = {key: sum(d["counts"][key] for d in diffs) for key in diffs[0]["counts"]}
+    try:
+        figures = deletion_guard.check(deleted=counts["deleted"], live_rows=emb_rows, limit=guard.limit, allow=guard.allow,
+                                       listing_from=guard.listing_from, source=guard.source) if guard else {}
+    except deletion_guard.MassDelete:
+        remove_work(out)
+        raise
 
     ids_uri = tables.table_uri(out, tables.IMAGE_IDS)
     tables.ensure_table(ids_uri, tables.image_ids_schema())
@@ -259,7 +278,8 @@ def build_todo(*, out: str, root: str, listed, run_id: str, model_version: str, 
     paths = [storage.join(work, "todo", f"part-b{d['k']:05d}.parquet") for d in with_todo]
     return TodoParts(paths, [d["todo_rows"] for d in with_todo], sum(d["todo_rows"] for d in diffs),
                      sum(d["first_tries"] for d in diffs), counts, removed=removed.rows if removed else 0,
-                     removal=_removal_figures(removed), compacted=compacted, converted=converted.rows if converted else 0)
+                     removal=_removal_figures(removed), compacted=compacted, converted=converted.rows if converted else 0,
+                     guard=figures)
 
 
 REMOVAL_TASKS_MAX = 256  # file buckets of the stale positions: at most this many removal tasks

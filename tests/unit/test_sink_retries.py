@@ -75,3 +75,64 @@ def test_file_names_follow_the_rows():
     assert file_name("r", a) != file_name("r", pa.table({"uri": ["x", "y"], "etag": ["1", "2"]}))
     assert file_name("r", a) != file_name("r2", a)
     assert json.dumps(file_name("r", a)).endswith('.parquet"')
+
+
+class Killed(Exception):
+    """The recovering process dies here."""
+
+
+def _after(target, name, kill_when=lambda *a, **k: True):
+    """`target.name` that does its work, then dies when kill_when(*args) says so."""
+    real = getattr(target, name)
+
+    def step(*args, **kw):
+        out = real(*args, **kw)
+        if kill_when(*args, **kw):
+            raise Killed(name)
+        return out
+    return step
+
+
+def _kills(monkeypatch):
+    """Each step of recovering a file that is partly in the table, as a kill right after it."""
+    from sparse_embed.pipeline.embed import sink
+    from sparse_embed.pipeline.store import storage
+
+    trimmed = lambda root, f, *a, **k: f.path.startswith("part-recovered-")  # noqa: E731
+    return {
+        "trimmed file written": lambda: monkeypatch.setattr(tables, "write_parquet_file",
+                                                            _after(tables, "write_parquet_file")),
+        "its marker written": lambda: monkeypatch.setattr(storage, "write_bytes_atomic", _after(storage, "write_bytes_atomic")),
+        "old file deleted, old marker not": lambda: monkeypatch.setattr(
+            sink, "remove_markers", lambda root, files: (_ for _ in ()).throw(Killed("remove_markers"))
+            if any(not f.path.startswith("part-recovered-") for f in files) else None),
+        "old marker dropped": lambda: monkeypatch.setattr(sink, "_drop", _after(sink, "_drop", lambda *a, **k: not trimmed(*a))),
+        "committed, markers not cleared": lambda: monkeypatch.setattr(tables, "commit_files", _after(tables, "commit_files")),
+    }
+
+
+def test_recovery_killed_at_each_step_is_finished_by_the_next(tmp_path, monkeypatch):
+    import pytest
+
+    from helpers.readers import polars
+
+    for step, kill in _kills(monkeypatch).items():
+        out = str(tmp_path / step.replace(" ", "-").replace(",", ""))
+        sink = EmbeddingTableSink(out, run_id="r1", dim=DIM, rows_per_file=100)
+        sink.on_write_start()
+        sink.on_write_complete(SimpleNamespace(write_returns=[sink.write([_block(["s3://b/0.jpg", "s3://b/1.jpg"])],
+                                                                         SimpleNamespace(task_idx=0))]))
+        # a crashed writer's file: one row the table holds, two it does not
+        EmbeddingTableSink(out, run_id="r2", dim=DIM, rows_per_file=100).write(
+            [_block(["s3://b/1.jpg", "s3://b/2.jpg", "s3://b/3.jpg"])], SimpleNamespace(task_idx=0))
+        kill()
+        with pytest.raises(Killed):
+            recover_pending(out, dim=DIM, model_version="mv-a")
+        monkeypatch.undo()
+        recover_pending(out, dim=DIM, model_version="mv-a")
+        want = [f"s3://b/{i}.jpg" for i in range(4)]
+        assert sorted(live.read_live(f"{out}/embeddings", ["uri"]).column("uri").to_pylist()) == want, step
+        rows, _ = polars(f"{out}/embeddings")
+        assert sorted(uri for _, uri, _ in rows) == want, f"{step}: another reader reads every file"
+        assert _markers(out) == [], step
+        assert recover_pending(out, dim=DIM, model_version="mv-a") == 0, f"{step}: settled"

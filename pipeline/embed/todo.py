@@ -59,15 +59,6 @@ class TodoParts:
     converted: int = 0  # rows masked by tombstones of an older table, removed in its conversion
     guard: dict = field(default_factory=dict)  # deletion_guard.check's figures
 
-
-@dataclass(frozen=True)
-class Guard:
-    """What the deletion guard needs (deletion_guard.py)."""
-    limit: DeleteLimit
-    allow: bool
-    listing_from: str
-    source: str
-
     def schema(self):
         """The todo files' Arrow schema (image_id, uri, etag, size, mtime, attempts), from
         the first file's footer."""
@@ -76,6 +67,15 @@ class Guard:
         fs, _ = storage.arrow_filesystem(self.paths[0])
         with fs.open_input_file(storage.strip_scheme(self.paths[0])) as src:
             return pq.read_schema(src)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What the deletion guard needs (deletion_guard.py)."""
+    limit: DeleteLimit
+    allow: bool
+    listing_from: str
+    source: str
 
 
 def work_dir(out: str, run_id: str) -> str:

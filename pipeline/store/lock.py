@@ -72,14 +72,26 @@ def _s3_parts(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _s3_client():
-    import boto3
+_CLIENTS = threading.local()
 
-    return boto3.client("s3")  # endpoint and credentials from the AWS_* environment
+
+def _s3_client():
+    """This thread's S3 client (the heartbeat thread has its own: boto3's default session
+    is not safe to share between threads). Endpoint and credentials from AWS_*."""
+    clients = _CLIENTS.__dict__.setdefault("by_endpoint", {})
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint not in clients:
+        import boto3
+
+        from botocore.config import Config
+
+        # few attempts per call: beat() retries a failed heartbeat itself, up to half the TTL
+        clients[endpoint] = boto3.session.Session().client("s3", config=Config(retries={"mode": "standard", "max_attempts": 3}))
+    return clients[endpoint]
 
 
 def _precondition_failed(e: Exception) -> bool:
-    code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
+    code = (getattr(e, "response", None) or {}).get("Error", {}).get("Code", "")
     return code in ("PreconditionFailed", "ConditionalRequestConflict", "412")
 
 
@@ -93,6 +105,7 @@ class OutputLock:
         self.owner = owner
         self.ttl_s = ttl_s
         self._etag: str | None = None
+        self._state = threading.Lock()  # a check() never compares while a heartbeat replaces _etag
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.out = out
@@ -105,6 +118,22 @@ class OutputLock:
                                    _pid_namespace()).__dict__).encode()
 
     # -- storage primitives: create-if-absent, replace-if-unchanged, read, delete-if-unchanged
+    def _ours(self, body: bytes) -> bool:
+        """After a 412: whether the stored lock is exactly `body`, i.e. our own write landed
+        and a retry of it (botocore retries a request whose response was lost) was refused.
+        Records its ETag."""
+        bucket, key = _s3_parts(self.uri)
+        try:
+            obj = _s3_client().get_object(Bucket=bucket, Key=key)
+        except Exception as e:
+            if "NoSuchKey" in str(e) or "404" in str(e):
+                return False
+            raise
+        if obj["Body"].read() != body:
+            return False
+        self._etag = obj["ETag"]
+        return True
+
     def _create(self, body: bytes) -> bool:
         if storage.is_s3(self.uri):
             bucket, key = _s3_parts(self.uri)
@@ -113,7 +142,7 @@ class OutputLock:
                 return True
             except Exception as e:
                 if _precondition_failed(e):
-                    return False
+                    return self._ours(body)
                 raise
         path = storage.strip_scheme(self.uri)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -133,7 +162,9 @@ class OutputLock:
                 self._etag = _s3_client().put_object(Bucket=bucket, Key=key, Body=body, IfMatch=etag)["ETag"]
                 return True
             except Exception as e:
-                if _precondition_failed(e) or "NoSuchKey" in str(e):
+                if _precondition_failed(e):
+                    return self._ours(body)
+                if "NoSuchKey" in str(e):
                     return False
                 raise
         path = storage.strip_scheme(self.uri)
@@ -222,31 +253,46 @@ class OutputLock:
             pass
 
     def beat(self) -> bool:
-        """One heartbeat (the thread calls it every ttl/3). A refused refresh (taken over) or
-        an error (the store, the credentials) is recorded and ends the heartbeat; the run
-        then stops at its next commit. Returns whether the lock is still held."""
-        try:
-            ok = self._replace(self._body(self._acquired_at), self._etag)
-        except Exception as e:  # noqa: BLE001 - recorded, raised by check() at the next commit
-            self.failure = f"heartbeat failed: {type(e).__name__}: {e}"
-            log.error("lock %s: %s", self.uri, self.failure)
-            return False
-        if not ok:
-            self.lost = True
-            self.failure = "taken over by another run"
-            log.error("lock %s was taken over by another run", self.uri)
-        return ok
+        """One heartbeat (the thread calls it every ttl/3). An error (the store, the
+        credentials) is retried with backoff until half the TTL has passed since the last
+        heartbeat that landed; a refused refresh (taken over), or errors past that, are
+        recorded and end the heartbeat: the run then stops at its next check. Returns
+        whether the lock is still held."""
+        give_up = time.monotonic() + self.ttl_s / 6  # called ttl/3 after the last beat: ttl/2 in all
+        delay = 0.5
+        while True:
+            with self._state:
+                try:
+                    ok = self._replace(self._body(self._acquired_at), self._etag)
+                    error = None
+                except Exception as e:  # noqa: BLE001 - retried, then raised by check()
+                    ok, error = False, f"heartbeat failed: {type(e).__name__}: {e}"
+                if error is None:
+                    if not ok:
+                        self.lost = True
+                        self.failure = "taken over by another run"
+                        log.error("lock %s was taken over by another run", self.uri)
+                    return ok
+                if time.monotonic() >= give_up or self._stop.is_set():
+                    self.failure = error
+                    log.error("lock %s: %s", self.uri, error)
+                    return False
+            log.warning("lock %s: %s; retrying", self.uri, error)
+            self._stop.wait(min(delay, max(0.0, give_up - time.monotonic())))
+            delay = min(delay * 2, 10.0)
 
     def check(self) -> None:
         """Raise LockLost unless this run still holds the lock: its heartbeat is alive and
-        the stored lock is still ours (one GET)."""
-        if self.failure is None:
-            held = self.read()
-            if held is None or held[0].owner != self.owner or held[1] != self._etag:
-                self.lost = True
-                self.failure = "taken over by another run" if held is not None else "the lock object is gone"
-        if self.failure is not None:
-            raise LockLost(f"{self.out}: this run ({self.owner}) lost the output lock ({self.failure}); it stopped "
+        the stored lock is still ours (one GET, never during a heartbeat's refresh)."""
+        with self._state:
+            if self.failure is None:
+                held = self.read()
+                if held is None or held[0].owner != self.owner or held[1] != self._etag:
+                    self.lost = True
+                    self.failure = "taken over by another run" if held is not None else "the lock object is gone"
+            failure = self.failure
+        if failure is not None:
+            raise LockLost(f"{self.out}: this run ({self.owner}) lost the output lock ({failure}); it stopped "
                            f"before its next commit: rerun the command to resume")
 
     def release(self) -> None:

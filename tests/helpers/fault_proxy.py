@@ -46,6 +46,9 @@ class FaultPlan:
     max_faults: int | None = 200  # None: unbounded
     seed: int = 0
     deny_get: tuple = ()  # GETs whose path holds one of these strings get 403 AccessDenied (revoked credentials)
+    # "METHOD path-part" rules: the first matching request reaches the store, then its
+    # response is lost (the client's connection is reset), as when a network drops it
+    drop_response: tuple = ()
 
     def __post_init__(self):
         for name in ("slowdown", "reset", "stall"):
@@ -107,6 +110,7 @@ class FaultProxy:
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)
     _rng: random.Random = field(default=None, init=False, repr=False)
     _plan_faults: int = field(default=0, init=False, repr=False)
+    _dropped: set = field(default_factory=set, init=False, repr=False)  # drop_response rules already used
 
     @property
     def url(self) -> str:
@@ -118,6 +122,7 @@ class FaultProxy:
             self.plan = plan
             self._rng = random.Random(plan.seed)
             self._plan_faults = 0
+            self._dropped = set()
 
     def faults(self) -> int:
         return self.counts["slowdown"] + self.counts["reset"] + self.counts["stall"]
@@ -198,6 +203,14 @@ class FaultProxy:
                                + f"Content-Length: {len(DENIED_BODY)}\r\n".encode() + b"Connection: close\r\n\r\n"
                                + DENIED_BODY)
                 return
+            rule = next((r for r in self.plan.drop_response if r.split(" ", 1)[0] == method and r.split(" ", 1)[1] in path
+                         and r not in self._dropped), None)
+            if rule is not None:
+                with self._lock:
+                    self._dropped.add(rule)
+                    self.counts["dropped_response"] = self.counts.get("dropped_response", 0) + 1
+                self._forward_and_drop(client, head, rest)
+                return
             kind = self._decide()
             if kind == "reset":
                 _reset(client)
@@ -221,6 +234,20 @@ class FaultProxy:
                         s.close()
                     except OSError:
                         pass
+
+    def _forward_and_drop(self, client: socket.socket, head: bytes, rest: bytes) -> None:
+        """The request reaches the store whole and is answered; the client gets a reset."""
+        length = int(_header(head, b"content-length") or 0)
+        while len(rest) < length:
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        with socket.create_connection(self._up, timeout=60) as upstream:
+            upstream.sendall(_with_close(head) + rest)
+            while upstream.recv(65536):  # the store's whole answer, then nothing of it passed on
+                pass
+        _reset(client)
 
     @staticmethod
     def _copy(src: socket.socket, dst: socket.socket) -> None:

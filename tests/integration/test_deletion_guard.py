@@ -34,6 +34,13 @@ def _uris(out: str) -> list[str]:
     return sorted(live.read_live(f"{out}/embeddings", ["uri"]).column("uri").to_pylist())
 
 
+def _report(out: str, capsys) -> dict:
+    """The run report of the last run whose summary went to stdout (run ids of one second
+    do not sort by time)."""
+    run_id = [ln.split()[1] for ln in capsys.readouterr().out.splitlines() if ln.startswith("run ")][-1]
+    return next(r for r in load_run_reports(out) if r["run_id"] == run_id)
+
+
 def _polars_uris(out: str) -> list[str]:
     rows, nulls = polars(f"{out}/embeddings")
     assert nulls == 0
@@ -53,25 +60,25 @@ def test_a_missing_directory_is_refused_comes_back_free_and_purges_only_when_tol
     shutil.move(src / "mount", tmp_path / "unmounted")  # the mount went away
     capsys.readouterr()
     assert main(_embed(str(src), out)) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Refusing to remove 8 of 10 rows (80.0%, over --max-delete 10%)" in err[0], err
-    assert "(parallel listing)" in err[0] and "--allow-mass-delete" in err[0]
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (earlier lines: Ray workers' logs of the first run)
+    assert err.startswith("sparse-embed embed: error: Refusing to remove 8 of 10 rows (80.0%, over --max-delete 10%)")
+    assert "(parallel listing)" in err and "--allow-mass-delete" in err
     assert _state(out) == before and _uris(out) == all_uris, "a refused run changed the table or the index"
     assert _polars_uris(out) == all_uris, "another reader sees every row still"
 
     shutil.move(tmp_path / "unmounted", src / "mount")  # back, byte for byte
+    capsys.readouterr()
     assert main(_embed(str(src), out)) == 0
-    assert load_run_reports(out)[-1]["counts"]["processed"] == 0, "nothing is embedded again"
+    assert _report(out, capsys)["counts"]["processed"] == 0, "nothing is embedded again"
 
     shutil.rmtree(src / "mount")  # deleted on purpose this time
     assert main(_embed(str(src), out, "--allow-mass-delete")) == 0
-    report = load_run_reports(out)[-1]
+    report = _report(out, capsys)
     assert report["counts"]["removed_rows"] == 8 and report["deletion_guard"]["deleted_rows"] == 8
     assert report["deletion_guard"]["allowed"] and report["deletion_guard"]["limit"] == "10%"
     kept = [u for u in all_uris if "/kept/" in u]
     assert _uris(out) == kept and _polars_uris(out) == kept
     assert current_manifest(f"{out}/index")["ntotal"] == 2
-    capsys.readouterr()
 
 
 def test_shrunken_s3_and_inventory_listings_are_refused_until_allowed(ray_local, bucket, capsys):
@@ -99,5 +106,5 @@ def test_shrunken_s3_and_inventory_listings_are_refused_until_allowed(ray_local,
     assert main(_embed(source, out, "--max-delete", "9")) == 0, "9 rows are within a limit of 9"
     assert _uris(out) == sorted(keys[9:])
     assert_exactly_once(source, out)
-    assert main(_embed(source, out)) == 0 and load_run_reports(out)[-1]["counts"]["processed"] == 0
     capsys.readouterr()
+    assert main(_embed(source, out)) == 0 and _report(out, capsys)["counts"]["processed"] == 0

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 0: plan on the nodes that are up and fail at once if the plan cannot run)")
     g.add_argument("--max-pixels", type=positive_int, default=178_956_970,
                    help="decoded-size guard against decompression bombs (default 178956970, Pillow's own)")
+    g.add_argument("--max-object-mb", type=positive_float, default=256.0, metavar="MB",
+                   help="objects larger than this (by the listing's size, or by the bytes read) become fetch:TooLarge "
+                        "error rows and are never read whole (default 256)")
     g.add_argument("--formats", type=pillow_formats, default=ALLOWED_FORMATS, metavar="NAMES",
                    help=f"comma-separated Pillow formats to decode, any case (default {','.join(ALLOWED_FORMATS)}); "
                         "an image in another format becomes an UnsupportedFormat error row naming it. "
@@ -75,7 +78,7 @@ def run(args) -> int:
         source=args.source, out=args.out, spec=encoder_spec(args),
         extensions=tuple(e.strip() if e.strip().startswith(".") else "." + e.strip() for e in args.extensions.split(",") if e.strip()),
         glob=args.glob, decode_batch_size=args.decode_batch_size, embed_batch_size=args.batch_size, rows_per_file=args.rows_per_file, compile=args.compile,
-        actors=args.actors, actor_cpus=args.actor_cpus, decode=args.decode, actor_wait_s=args.actor_wait, max_pixels=args.max_pixels, formats=tuple(args.formats),
+        actors=args.actors, actor_cpus=args.actor_cpus, decode=args.decode, actor_wait_s=args.actor_wait, max_pixels=args.max_pixels, max_object_mb=args.max_object_mb, formats=tuple(args.formats),
         max_error_rate=args.max_error_rate, max_attempts=args.max_attempts, build_index=args.build_index, index_shards=args.index_shards,
         lock_wait_s=args.wait, inventory=args.inventory, deletion_vectors=args.deletion_vectors,
         max_delete=args.max_delete, allow_mass_delete=args.allow_mass_delete, allow_empty_source=args.allow_empty_source,

@@ -42,7 +42,7 @@ def run(args) -> int:
     embed_cfg = EmbedConfig(
         source=cfg.source, out=cfg.out, spec=spec, extensions=tuple(cfg.extensions), glob=cfg.glob,
         decode_batch_size=cfg.decode_batch_size, embed_batch_size=cfg.batch_size, actors=cfg.actors,
-        decode=cfg.decode, actor_wait_s=cfg.actor_wait_s,
+        decode=cfg.decode, actor_wait_s=cfg.actor_wait_s, max_object_mb=cfg.max_object_mb,
         max_error_rate=cfg.max_error_rate, max_attempts=cfg.max_attempts, build_index=cfg.index,
         index_shards=cfg.index_shards, compile=cfg.compile, rows_per_file=cfg.rows_per_file, formats=tuple(cfg.formats),
         lock_ttl_s=cfg.lock_ttl_s, lock_wait_s=args.wait, inventory=cfg.inventory, deletion_vectors=cfg.deletion_vectors,

@@ -29,6 +29,7 @@ compile: false                    # torch.compile the encoder on each actor (pay
 precision: fp32                   # fp32 | bf16 | fp16 (fp16 needs GPUs); part of model_version
 decode: cpu                       # cpu | device (actors decode JPEGs, nvJPEG on GPUs) | auto (device with GPUs)
 actor_wait_s: 0                   # autoscaling cluster: wait this long for the actors' GPUs/CPUs
+max_object_mb: 256                # larger objects become fetch:TooLarge error rows, never read
 rows_per_file: 8192               # rows per Parquet file the run writes
 max_error_rate: 0.05              # exit 1 above this fraction of failed objects
 max_attempts: 3                   # failures at one ETag before an object is left alone
@@ -62,6 +63,7 @@ class NightlyConfig:
     precision: str = "fp32"  # part of model_version: a change re-embeds into staging
     decode: str = "cpu"  # cpu | device | auto, as `embed --decode`
     actor_wait_s: float = 0.0  # as `embed --actor-wait`
+    max_object_mb: float = 256.0  # as `embed --max-object-mb`
     rows_per_file: int = ROWS_PER_FILE  # rows per Parquet file of the tables
     max_error_rate: float = 0.05  # stricter than the CLI's 1.0: a scheduled run should page someone
     max_attempts: int = 3
@@ -145,6 +147,9 @@ def parse(doc) -> NightlyConfig:
         _check("precision", doc["precision"], f"one of {list(PRECISIONS)}", doc["precision"] in PRECISIONS)
     if "decode" in doc:
         _check("decode", doc["decode"], "one of ['cpu', 'device', 'auto']", doc["decode"] in ("cpu", "device", "auto"))
+    if "max_object_mb" in doc:
+        v = doc["max_object_mb"]
+        _check("max_object_mb", v, "a number of MiB > 0", isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)
     if "actor_wait_s" in doc:
         v = doc["actor_wait_s"]
         _check("actor_wait_s", v, "a number of seconds >= 0", isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import non_negative_float, positive_int
+from .options import non_negative_float, positive_float, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0 picks a free one)")
     p.add_argument("--max-upload-mb", type=positive_int, default=20, help="largest uploaded query image in MiB (default 20)")
     p.add_argument("--max-k", type=positive_int, default=200, help="most results one search may ask for (default 200)")
+    p.add_argument("--max-object-mb", type=positive_float, default=256.0, metavar="MB",
+                   help="a thumbnail reads at most this much of an indexed object; larger ones answer 422 (default 256)")
     p.add_argument("--check-every", type=non_negative_float, default=2.0, metavar="SECONDS",
                    help="read CURRENT at most this often and load a new index when it moves (default 2)")
 
@@ -46,7 +48,8 @@ def run(args) -> int:
     check_readable(args.index, role="--index")  # credentials and bucket, named before the index is read
     live = LiveIndex(args.index, check_every_s=args.check_every)
     loaded = live.load()
-    app = build_app(live, max_k=args.max_k, max_upload_bytes=args.max_upload_mb * 2 ** 20)
+    app = build_app(live, max_k=args.max_k, max_upload_bytes=args.max_upload_mb * 2 ** 20,
+                    max_object_bytes=int(args.max_object_mb * 2 ** 20))
     if not is_loopback(args.host):
         print(f"warning: listening on {args.host}: anyone who can reach it can search the index and see its images "
               f"(there is no login); --host 127.0.0.1 keeps it to this machine", flush=True)
@@ -54,5 +57,6 @@ def run(args) -> int:
     def ready(url: str) -> None:
         print(f"serving index {loaded.index_id} ({loaded.index.ntotal} vectors) at {url}  (Ctrl-C stops it)", flush=True)
 
-    asyncio.run(serve_forever(app, args.host, args.port, on_ready=ready))
+    stopped_by = asyncio.run(serve_forever(app, args.host, args.port, on_ready=ready))
+    print(f"stopped ({stopped_by})", flush=True)
     return 0

@@ -48,6 +48,18 @@ class ETagMismatch(Exception):
     """The object changed between listing and fetch: its bytes are not the listed etag's."""
 
 
+class TooLarge(Exception):
+    """The object is larger than the fetch cap (--max-object-mb): it is not read."""
+
+
+DEFAULT_MAX_OBJECT_MB = 256  # a fetch reads at most this much of one object (--max-object-mb)
+
+
+def _too_large(n: int, max_bytes: int) -> TooLarge:
+    return TooLarge(f"{'listed size ' + str(n) + ' bytes' if n > max_bytes else 'more bytes'} over the cap of "
+                    f"{max_bytes / 2**20:g} MiB: not read (raise --max-object-mb to embed it)")
+
+
 # The default of --formats: what a photo collection holds. Other formats are refused unless
 # named there, because rarely used parsers are where decoder bugs live.
 # (Pillow's JPEG opener also returns camera MPO files, as format "MPO".)
@@ -255,23 +267,27 @@ def _check_etag(uri: str, listed: str | None, got: str | None, size: int | None,
     return None
 
 
-def _fetch_s3(fs, uris, etags, sizes) -> dict[str, bytes | Exception]:
+def _fetch_s3(fs, uris, etags, sizes, max_bytes: int) -> dict[str, bytes | Exception]:
     """One GET per object with If-Match on the listed etag; the response's own ETag is
     checked too (for servers that ignore If-Match). s3fs's retry policy applies (SlowDown,
-    timeouts, dropped connections: up to fs.retries attempts with backoff)."""
+    timeouts, dropped connections: up to fs.retries attempts with backoff). An object
+    listed over `max_bytes` is not requested, and no more than max_bytes + 1 bytes of a
+    response are read."""
     import asyncio
 
     from fsspec.asyn import sync
     from s3fs.core import _error_wrapper
 
     async def one(uri, etag, size):
+        if size is not None and size > max_bytes:
+            return _too_large(size, max_bytes)
         bucket, key, _ = fs.split_path(storage.strip_scheme(uri))
 
         async def call_and_read():
             kw = {"IfMatch": f'"{etag}"'} if etag else {}
             resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, **kw)
             try:
-                return await resp["Body"].read(), resp.get("ETag")
+                return await resp["Body"].read(max_bytes + 1), resp.get("ETag")
             finally:
                 resp["Body"].close()
 
@@ -282,6 +298,8 @@ def _fetch_s3(fs, uris, etags, sizes) -> dict[str, bytes | Exception]:
             if etag and ("precondition" in text or "pre-condition" in text or " 412" in text):  # s3fs turns a 412 into OSError(EINVAL)
                 return ETagMismatch(f"listed etag {etag}: the object no longer has it (changed after listing)")
             return e
+        if len(data) > max_bytes:
+            return _too_large(len(data), max_bytes)
         return _check_etag(uri, etag, got.strip('"') if got else None, size, len(data)) or data
 
     async def all_():
@@ -296,9 +314,9 @@ def _fetch_s3(fs, uris, etags, sizes) -> dict[str, bytes | Exception]:
     return dict(zip(uris, sync(fs.loop, all_)))
 
 
-def _fetch_local(uris, etags, sizes) -> dict[str, bytes | Exception]:
+def _fetch_local(uris, etags, sizes, max_bytes: int) -> dict[str, bytes | Exception]:
     """Read, then stat: the listing's local etag is size-mtime, so a file replaced after
-    listing shows a different one."""
+    listing shows a different one. Objects over `max_bytes` (listed or found) are not read."""
     import os
 
     from sparse_embed.pipeline.embed.listing import _etag, _mtime
@@ -306,12 +324,18 @@ def _fetch_local(uris, etags, sizes) -> dict[str, bytes | Exception]:
     out = {}
     for uri, etag, size in zip(uris, etags, sizes):
         path = storage.strip_scheme(uri)
+        if size is not None and size > max_bytes:
+            out[uri] = _too_large(size, max_bytes)
+            continue
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                data = f.read(max_bytes + 1)
                 st = os.fstat(f.fileno())
         except Exception as e:
             out[uri] = e
+            continue
+        if len(data) > max_bytes:
+            out[uri] = _too_large(len(data), max_bytes)
             continue
         got = _etag({"size": st.st_size}, _mtime({"mtime": st.st_mtime})) if etag else None
         out[uri] = _check_etag(uri, etag, got, size, len(data)) or data
@@ -319,25 +343,27 @@ def _fetch_local(uris, etags, sizes) -> dict[str, bytes | Exception]:
 
 
 def fetch_many(uris: list[str], etags: list[str | None] | None = None,
-               sizes: list[int | None] | None = None) -> dict[str, bytes | Exception]:
+               sizes: list[int | None] | None = None, *,
+               max_bytes: int = DEFAULT_MAX_OBJECT_MB * 2**20) -> dict[str, bytes | Exception]:
     """Concurrent reads; failures come back as exceptions. With the listed etags (and
     sizes), an object that changed after listing comes back as ETagMismatch: its bytes
     must not be recorded under the listed etag. The next run lists the new etag and
-    embeds it."""
+    embeds it. An object over `max_bytes` comes back as TooLarge, never read whole."""
     if not uris:
         return {}
     etags = list(etags) if etags is not None else [None] * len(uris)
     sizes = list(sizes) if sizes is not None else [None] * len(uris)
     if storage.is_s3(uris[0]):
-        return _fetch_s3(storage.filesystem(uris[0]), uris, etags, sizes)
-    return _fetch_local(uris, etags, sizes)
+        return _fetch_s3(storage.filesystem(uris[0]), uris, etags, sizes, max_bytes)
+    return _fetch_local(uris, etags, sizes, max_bytes)
 
 
 def fetch_decode_batch(batch, *, data_config: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
-                       formats: tuple[str, ...] | None = None):
+                       formats: tuple[str, ...] | None = None, max_bytes: int = DEFAULT_MAX_OBJECT_MB * 2**20):
     """Ray Data map_batches function: pyarrow batch of listing rows -> the same rows with
     width, height, pixels (uint8 bytes) and the three error columns. `formats`: Pillow
-    format names to decode (None: ALLOWED_FORMATS); a bad name fails the batch."""
+    format names to decode (None: ALLOWED_FORMATS); a bad name fails the batch. Objects
+    over `max_bytes` become fetch:TooLarge rows without being read."""
     import pyarrow as pa
 
     from sparse_embed.pipeline.embed.report import redact_text
@@ -347,7 +373,7 @@ def fetch_decode_batch(batch, *, data_config: dict, max_pixels: int = DEFAULT_MA
     uris = batch.column("uri").to_pylist()
     cols = set(batch.column_names)
     fetched = fetch_many(uris, batch.column("etag").to_pylist() if "etag" in cols else None,
-                         batch.column("size").to_pylist() if "size" in cols else None)
+                         batch.column("size").to_pylist() if "size" in cols else None, max_bytes=max_bytes)
     widths, heights, pixels, stages, types, messages = [], [], [], [], [], []
     for uri in uris:
         data = fetched[uri]

@@ -191,19 +191,21 @@ def decode_batch(datas: list[bytes], plan: ResizePlan, *, device, max_pixels: in
     return DecodedBatch(pixels=pixels, ok=ok, sizes=sizes, errors=errors, on_device=on_device)
 
 
-def fetch_batch(batch):
+def fetch_batch(batch, *, max_bytes: int | None = None):
     """Ray Data map_batches function for `--decode device`: listing rows -> the same rows with
     the object's bytes in `data` (width and height still null) and the error columns set for
-    the objects that could not be fetched. The embed actor decodes `data`."""
+    the objects that could not be fetched (fetch:TooLarge over `max_bytes`, default
+    decode.DEFAULT_MAX_OBJECT_MB). The embed actor decodes `data`."""
     import pyarrow as pa
 
-    from sparse_embed.pipeline.embed.decode import fetch_many
+    from sparse_embed.pipeline.embed.decode import DEFAULT_MAX_OBJECT_MB, fetch_many
     from sparse_embed.pipeline.embed.report import redact_text
 
     uris = batch.column("uri").to_pylist()
     cols = set(batch.column_names)
     fetched = fetch_many(uris, batch.column("etag").to_pylist() if "etag" in cols else None,
-                         batch.column("size").to_pylist() if "size" in cols else None)
+                         batch.column("size").to_pylist() if "size" in cols else None,
+                         max_bytes=max_bytes or DEFAULT_MAX_OBJECT_MB * 2**20)
     datas, stages, types, messages = [], [], [], []
     for uri in uris:
         got = fetched[uri]

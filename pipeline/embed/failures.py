@@ -21,7 +21,7 @@ INFRASTRUCTURE = "infrastructure"
 # fetch: the object is gone or not what was listed. Anything else at fetch is the store,
 # the network or the credentials (PermissionError covers AccessDenied, ExpiredToken,
 # InvalidAccessKeyId; OSError covers SlowDown and 5xx after s3fs's retries).
-_FETCH_OBJECT_TYPES = {"FileNotFoundError", "ETagMismatch", "IsADirectoryError"}
+_FETCH_OBJECT_TYPES = {"FileNotFoundError", "ETagMismatch", "IsADirectoryError", "TooLarge"}
 # decode and embed: memory is the machine's, not the image's (the pixel guard refuses
 # images that are too large before decoding, as DecompressionBomb).
 _MEMORY_TYPES = {"MemoryError", "OutOfMemoryError"}

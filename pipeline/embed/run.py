@@ -55,6 +55,7 @@ class EmbedConfig:
     decode: str = "cpu"  # "cpu": decode tasks; "device": the actors decode JPEGs on their device; "auto": device with GPUs
     actor_wait_s: float = 0.0  # wait this long for an autoscaling cluster to hold the actors' GPUs/CPUs (--actor-wait)
     max_pixels: int = 178_956_970
+    max_object_mb: float = 256.0  # objects larger than this become fetch:TooLarge error rows, never read
     formats: tuple[str, ...] | None = None  # Pillow formats decoded (--formats); None: decode.ALLOWED_FORMATS. Not in model_version
     max_error_rate: float = 1.0  # failed / processed above this makes the run fail (exit 1)
     max_attempts: int = 3  # failures at one etag before an object is no longer retried
@@ -79,6 +80,8 @@ class EmbedConfig:
         if self.decode not in ("cpu", "device", "auto"):
             raise ValueError(f"Expected --decode cpu, device or auto, got {self.decode!r}")
         DeleteLimit.parse(self.max_delete)
+        if self.max_object_mb <= 0:
+            raise ValueError(f"Expected --max-object-mb > 0, got {self.max_object_mb!r}")
         if self.actor_wait_s < 0:
             raise ValueError(f"Expected --actor-wait >= 0, got {self.actor_wait_s!r}")
         if self.actors is not None and self.actors < 1:
@@ -238,13 +241,14 @@ def _write_embeddings(cfg: EmbedConfig, todo, enc, pool: dict, sink, counter) ->
     ds = read_todo(todo, block_rows=block_rows_for(todo.num_rows, cfg.decode_batch_size, pool["size"]),
                    num_cpus=pool["decode_cpus"])
     on_device = pool.get("decode") == "device"
+    max_bytes = int(cfg.max_object_mb * 2**20)
     if on_device:  # the tasks only fetch; the actors decode (decode_device.py)
         ds = ds.map_batches(fetch_batch, batch_format="pyarrow", batch_size=cfg.decode_batch_size,
-                            num_cpus=pool["decode_cpus"])
+                            num_cpus=pool["decode_cpus"], fn_kwargs={"max_bytes": max_bytes})
     else:
         ds = ds.map_batches(fetch_decode_batch, batch_format="pyarrow", batch_size=cfg.decode_batch_size,
                             num_cpus=pool["decode_cpus"], fn_kwargs={"data_config": enc.data_config, "max_pixels": cfg.max_pixels,
-                                                                      "formats": cfg.formats})
+                                                                      "formats": cfg.formats, "max_bytes": max_bytes})
     ds = ds.map_batches(
         CountRows, batch_format="pyarrow", batch_size=cfg.embed_batch_size,
         fn_constructor_kwargs={"inner": EmbedActor, "counter": counter, "inner_kwargs": {

@@ -30,6 +30,7 @@ MAX_K_KEY = web.AppKey("max_k", int)
 MAX_UPLOAD = web.AppKey("max_upload_bytes", int)
 ENCODERS = web.AppKey("encoders", object)  # QueryEncoders
 THUMBS = web.AppKey("thumbs", object)  # ThumbCache
+MAX_OBJECT = web.AppKey("max_object", int)  # bytes a thumbnail reads of an object at most
 IO_POOL = web.AppKey("io_pool", ThreadPoolExecutor)  # faiss, table and object reads
 ENCODE_POOL = web.AppKey("encode_pool", ThreadPoolExecutor)  # one thread: one forward pass at a time
 
@@ -123,17 +124,18 @@ async def search(request):
     return _json(200, await _run(request, pool, run_search, loaded, query, request.app[ENCODERS]))
 
 
-def _read_thumb(uri: str) -> bytes:
-    from sparse_embed.pipeline.store import storage
+def _read_thumb(uri: str, max_bytes: int) -> bytes:
+    from sparse_embed.pipeline.embed.decode import TooLarge, fetch_many
 
     from .thumbs import thumbnail_jpeg
 
-    try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError:
-        raise RequestError(404, f"The object {uri!r} is listed by the index but is gone from the store") from None
-    except Exception as e:
-        raise RequestError(502, f"The store did not return {uri!r}: {type(e).__name__}: {str(e)[:200]}") from None
+    data = fetch_many([uri], max_bytes=max_bytes)[uri]  # reads at most max_bytes + 1 bytes
+    if isinstance(data, FileNotFoundError):
+        raise RequestError(404, f"The object {uri!r} is listed by the index but is gone from the store")
+    if isinstance(data, TooLarge):
+        raise RequestError(422, f"The object {uri!r} is too large to show: {data}")
+    if isinstance(data, Exception):
+        raise RequestError(502, f"The store did not return {uri!r}: {type(data).__name__}: {str(data)[:200]}")
     return thumbnail_jpeg(data)
 
 
@@ -146,7 +148,7 @@ async def thumb(request):
     cache, key = request.app[THUMBS], (loaded.index_id, image_id)
     body = cache.get(key)
     if body is None:
-        body = await _run(request, IO_POOL, _read_thumb, uri)
+        body = await _run(request, IO_POOL, _read_thumb, uri, request.app[MAX_OBJECT])
         cache.put(key, body)
     return web.Response(body=body, content_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
 
@@ -175,9 +177,11 @@ async def _close_pools(app):
 
 
 def build_app(live, *, max_k: int = MAX_K, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-              thumb_cache_bytes: int | None = None, io_threads: int = 8):
+              thumb_cache_bytes: int | None = None, io_threads: int = 8, max_object_bytes: int | None = None):
     """live: a LiveIndex whose load() has run."""
     from .query_encoder import QueryEncoders
+    from sparse_embed.pipeline.embed.decode import DEFAULT_MAX_OBJECT_MB
+
     from .thumbs import DEFAULT_CACHE_BYTES, ThumbCache
 
     if not 1 <= max_k <= 10_000:
@@ -190,6 +194,7 @@ def build_app(live, *, max_k: int = MAX_K, max_upload_bytes: int = DEFAULT_MAX_U
     app[MAX_UPLOAD] = max_upload_bytes
     app[ENCODERS] = QueryEncoders()
     app[THUMBS] = ThumbCache(thumb_cache_bytes or DEFAULT_CACHE_BYTES)
+    app[MAX_OBJECT] = max_object_bytes or DEFAULT_MAX_OBJECT_MB * 2**20
     app[IO_POOL] = ThreadPoolExecutor(io_threads, thread_name_prefix="serve-io")
     app[ENCODE_POOL] = ThreadPoolExecutor(1, thread_name_prefix="serve-encode")
     app.on_startup.append(_start_warming)

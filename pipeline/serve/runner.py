@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import signal
 import threading
 
 LOOPBACK = "127.0.0.1"
@@ -39,12 +40,21 @@ async def start_site(app, host: str, port: int):
     return runner, address(host, bound[1])
 
 
-async def serve_forever(app, host: str, port: int, on_ready=print) -> None:
+async def serve_forever(app, host: str, port: int, on_ready=print) -> str:
+    """Serve until SIGINT (Ctrl-C) or SIGTERM (a service manager's stop), then close every
+    connection and the app's resources; returns the signal's name."""
     runner, url = await start_site(app, host, port)
+    loop = asyncio.get_running_loop()
+    stopped: asyncio.Future = loop.create_future()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, lambda s=sig: stopped.done() or stopped.set_result(s.name))
     try:
         on_ready(url)
-        await asyncio.Event().wait()  # until cancelled (Ctrl-C)
+        return await stopped
     finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
         await runner.cleanup()
 
 

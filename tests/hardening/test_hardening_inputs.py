@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 MODEL = "resnet10t"  # random init, seeded: every actor builds the same weights
 EXTRA_EXT = (".jxl", ".heic", ".avif")  # listed, so a format Pillow cannot read reaches the decoder
 MAX_PIXELS = 50_000_000  # below Pillow's own bomb limit, so both guards are exercised
+MAX_OBJECT_MB = 0.25  # every other object is far smaller (the largest is a few tens of KB)
 
 EMB = "embedding"
 
@@ -94,6 +95,7 @@ def bad_inputs() -> dict[str, tuple[bytes, str]]:
         "bad/heic.heic": (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + rng.bytes(300), "decode:NotAnImage"),
         "bad/postscript_as.jpg": (eps, "decode:UnsupportedFormat"),  # an image, but EPS would run Ghostscript: never decoded
         "bad/random_bytes.avif": (rng.bytes(500), "decode:NotAnImage"),
+        "bad/over_the_size_cap.jpg": (jpeg + bytes(300_000), "fetch:TooLarge"),  # --max-object-mb: never read
         # -- odd but valid: must embed
         "ok/png_16bit_grey.png": (_save(g16, "PNG"), EMB),
         "ok/float32_grey.tif": (_save(f32, "TIFF"), EMB),
@@ -156,6 +158,7 @@ def run(object_store, ray_local):
 
     ext = ",".join(listing.DEFAULT_EXTENSIONS + EXTRA_EXT)
     args = [source, "--out", out, "--model", MODEL, "--ext", ext, "--max-pixels", str(MAX_PIXELS),
+            "--max-object-mb", str(MAX_OBJECT_MB),
             "--decode-batch-size", "8", "--batch-size", "8", "--no-index"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(listing, "list_objects", list_then_race)
@@ -211,6 +214,7 @@ def test_job_completes_and_exit_code_follows_max_error_rate(run):
     assert report["error_rate"] == pytest.approx(n_bad / len(run["objects"]))
     assert report["error_rate"] > 0.05 and run["rc"] == 1, "above --max-error-rate: exit 1"
     assert c["failed_by_reason"]["fetch:ETagMismatch"] == 1 and c["failed_by_reason"]["decode:DecompressionBomb"] == 2
+    assert c["failed_by_reason"]["fetch:TooLarge"] == 1
 
 
 def test_overwritten_object_never_carries_the_listed_etag_with_new_bytes(run):

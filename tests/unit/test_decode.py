@@ -83,3 +83,27 @@ def test_batch_turns_each_bad_object_into_an_error_row(tmp_path):
     assert out["pixels"][0] is not None and len(out["pixels"][0]) == 3 * 224 * 224
     assert all(m for m in out["error_message"][1:])
     assert out["error_type"][3] == "FileNotFoundError"
+
+
+def test_objects_over_the_size_cap_become_too_large_rows_without_being_read(tmp_path, monkeypatch):
+    import builtins
+
+    from sparse_embed.pipeline.embed.failures import OBJECT, kind_of
+
+    small, big = tmp_path / "small.jpg", tmp_path / "big.jpg"
+    small.write_bytes(encode(_img(), "JPEG"))
+    big.write_bytes(encode(_img(seed=2), "JPEG") + b"\0" * 20_000)
+    cap = len(small.read_bytes()) + 1000
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: (opened.append(str(p)), real_open(p, *a, **k))[1])
+    # the listing says big.jpg is over the cap: it is not opened at all
+    listed = pa.table({"uri": [str(small), str(big)], "size": [small.stat().st_size, big.stat().st_size]})
+    out = fetch_decode_batch(listed, data_config=CFG, max_bytes=cap).to_pydict()
+    assert (out["error_stage"], out["error_type"]) == ([None, "fetch"], [None, "TooLarge"])
+    assert "over the cap" in out["error_message"][1] and "--max-object-mb" in out["error_message"][1]
+    assert opened == [str(small)], "an object listed over the cap is never opened"
+    # without a listed size it is read only up to the cap (+1 byte), then refused the same way
+    out = fetch_decode_batch(pa.table({"uri": [str(big)]}), data_config=CFG, max_bytes=cap).to_pydict()
+    assert out["error_type"] == ["TooLarge"]
+    assert kind_of("fetch", "TooLarge", out["error_message"][0]) == OBJECT, "counted against the object's attempts"

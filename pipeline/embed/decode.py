@@ -267,6 +267,19 @@ def _check_etag(uri: str, listed: str | None, got: str | None, size: int | None,
     return None
 
 
+async def _read_at_most(body, limit: int) -> bytes:
+    """The body's bytes up to `limit` (a read(n) of the stream returns what has arrived,
+    up to n: it is called until the end or the limit)."""
+    chunks, n = [], 0
+    while n < limit:
+        chunk = await body.read(min(limit - n, 8 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        n += len(chunk)
+    return b"".join(chunks)
+
+
 def _fetch_s3(fs, uris, etags, sizes, max_bytes: int) -> dict[str, bytes | Exception]:
     """One GET per object with If-Match on the listed etag; the response's own ETag is
     checked too (for servers that ignore If-Match). s3fs's retry policy applies (SlowDown,
@@ -287,7 +300,7 @@ def _fetch_s3(fs, uris, etags, sizes, max_bytes: int) -> dict[str, bytes | Excep
             kw = {"IfMatch": f'"{etag}"'} if etag else {}
             resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, **kw)
             try:
-                return await resp["Body"].read(max_bytes + 1), resp.get("ETag")
+                return await _read_at_most(resp["Body"], max_bytes + 1), resp.get("ETag")
             finally:
                 resp["Body"].close()
 

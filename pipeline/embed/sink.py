@@ -158,6 +158,9 @@ class EmbeddingTableSink(Datasink):
             table = pa.concat_tables(parts) if parts else schema.empty_table()
             if table.num_rows == 0:
                 continue
+            # by uri: a re-executed task that gets its rows in another order writes the same
+            # file, and each file's uri range is as narrow as its rows allow
+            table = table.sort_by("uri")
             rel = file_name(self.run_id, table)
             done = with_retries(partial(self._write_file, name, rel, table), what=f"write {name}/{rel}")
             written.append(done)

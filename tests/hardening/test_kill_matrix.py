@@ -51,8 +51,8 @@ def _kill_when_logged(argv: list[str], needle: str, timeout: float = 300) -> boo
     return killed.is_set()
 
 
-def _check_repaired(source: str, out: str, spec: dict) -> None:
-    cfg = EmbedConfig(source=source, out=out, spec=spec, rows_per_file=4, index_shards=1, run_id="rerun")
+def _check_repaired(source: str, out: str, spec: dict, **kw) -> None:
+    cfg = EmbedConfig(source=source, out=out, spec=spec, rows_per_file=4, index_shards=1, run_id="rerun", **kw)
     run_embed(cfg)
     assert_exactly_once(source, out)
     m = current_manifest(f"{out}/index")
@@ -96,9 +96,11 @@ def test_driver_killed_while_removing_changed_rows_then_rerun_is_exactly_once(ra
     fs = storage.filesystem(source)
     storage.put_many(source, {keys[0]: fs.cat_file(storage.strip_scheme(source + keys[1]))})  # changed
     fs.rm_file(storage.strip_scheme(source + keys[2]))  # deleted
-    argv = ["embed", source, "--out", out, "--model", SPEC["model"], "--rows-per-file", "4", "--index-shards", "1"]
+    # 1 of 8 rows deleted is over the default --max-delete of 10%
+    argv = ["embed", source, "--out", out, "--model", SPEC["model"], "--rows-per-file", "4", "--index-shards", "1",
+            "--max-delete", "1"]
     assert _kill_when_logged(argv, needle), f"the run ended before {needle!r}"
-    _check_repaired(source, out, SPEC)
+    _check_repaired(source, out, SPEC, max_delete="1")
     rows = live.read_live(f"{out}/embeddings", ["uri", "etag"])
     assert source + keys[2] not in rows.column("uri").to_pylist()
     assert len(set(rows.column("uri").to_pylist())) == rows.num_rows == len(uris) - 1

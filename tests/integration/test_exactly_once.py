@@ -212,7 +212,8 @@ def test_an_emptied_table_publishes_an_empty_index(ray_local, bucket, capsys):
     assert m["ntotal"] == 0 and m["build"]["empty"]
     index = ShardedIndex.open(f"{out}/index")
     assert index.hits(np.ones((1, 512), "float32"), 5) == [[]]
-    assert_settled(EmbedConfig(source=source, out=out, spec=SPEC, rows_per_file=8, index_shards=1, run_id="empty"))
+    assert_settled(EmbedConfig(source=source, out=out, spec=SPEC, rows_per_file=8, index_shards=1, run_id="empty",
+                               allow_empty_source=True))
 
 
 @pytest.mark.slow  # > 40 s on 2 cores; ./dev test -m slow

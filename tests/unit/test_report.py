@@ -11,7 +11,8 @@ from sparse_embed.pipeline.embed.run import EmbedConfig
 
 ENC = SimpleNamespace(spec=SimpleNamespace(model="resnet18"), model_version="resnet18-abc", dim=512)
 KEYS = {"run_id", "config", "model", "model_version", "dim", "counts", "error_rate", "actor_pool", "embed_busy",
-        "timings_s", "wall_s", "throughput_images_per_s", "table_versions", "promoted_model_version", "index_id", "removal"}
+        "timings_s", "wall_s", "throughput_images_per_s", "table_versions", "promoted_model_version", "index_id", "removal",
+        "deletion_guard"}
 
 
 def _facts(**changes) -> RunFacts:

@@ -48,7 +48,10 @@ def test_commits_are_chunked_carry_min_max_and_clear_markers(tmp_path, monkeypat
     # a lookup by id reads only the file whose [min, max] holds it
     dt = DeltaTable(f"{out}/embeddings")
     assert len(dt.file_uris(partition_filters=None)) == 5
-    hit = dt.to_pyarrow_dataset().to_table(filter=pc.field("image_id") == 23, columns=["uri"])
+    ds = dt.to_pyarrow_dataset()
+    assert len(list(ds.get_fragments(filter=pc.field("image_id") == 23))) == 1, "the other 4 files are skipped by stats"
+    assert len(list(ds.get_fragments(filter=pc.field("uri") == "s3://b/0023.jpg"))) == 1
+    hit = ds.to_table(filter=pc.field("image_id") == 23, columns=["uri"])
     assert hit.column("uri").to_pylist() == ["s3://b/0023.jpg"]
 
     again = sink.commit_files(out, files, dim=DIM)

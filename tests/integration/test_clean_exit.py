@@ -64,4 +64,5 @@ def test_serve_stops_cleanly_on_sigterm(embedded):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0 and out == "stopped (SIGTERM)\n" and err == "", (proc.returncode, out, err)
+    assert proc.returncode == 0 and out == "stopped (SIGTERM)\n", (proc.returncode, out, err)
+    assert all(" INFO sparse_embed." in line for line in err.splitlines()), f"stderr beyond our own log lines: {err!r}"

@@ -107,3 +107,21 @@ def test_objects_over_the_size_cap_become_too_large_rows_without_being_read(tmp_
     out = fetch_decode_batch(pa.table({"uri": [str(big)]}), data_config=CFG, max_bytes=cap).to_pydict()
     assert out["error_type"] == ["TooLarge"]
     assert kind_of("fetch", "TooLarge", out["error_message"][0]) == OBJECT, "counted against the object's attempts"
+
+
+def test_a_streamed_body_is_read_to_its_end_or_the_cap():
+    import asyncio
+
+    from sparse_embed.pipeline.embed.decode import _read_at_most
+
+    class Trickle:  # a network stream: read(n) returns what has arrived, at most 7 bytes here
+        def __init__(self, data):
+            self.data = data
+
+        async def read(self, n):
+            out, self.data = self.data[:min(n, 7)], self.data[min(n, 7):]
+            return out
+
+    data = bytes(range(100))
+    assert asyncio.run(_read_at_most(Trickle(data), 1000)) == data
+    assert asyncio.run(_read_at_most(Trickle(data), 51)) == data[:51], "never more than the limit"

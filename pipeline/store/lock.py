@@ -122,17 +122,22 @@ class OutputLock:
         """After a 412: whether the stored lock is exactly `body`, i.e. our own write landed
         and a retry of it (botocore retries a request whose response was lost) was refused.
         Records its ETag."""
+        got = self._get_s3()
+        if got is None or got[0] != body:
+            return False
+        self._etag = got[1]
+        return True
+
+    def _get_s3(self) -> tuple[bytes, str] | None:
+        """(body, ETag) of the lock object on S3; None when there is none."""
         bucket, key = _s3_parts(self.uri)
         try:
             obj = _s3_client().get_object(Bucket=bucket, Key=key)
         except Exception as e:
             if "NoSuchKey" in str(e) or "404" in str(e):
-                return False
+                return None
             raise
-        if obj["Body"].read() != body:
-            return False
-        self._etag = obj["ETag"]
-        return True
+        return obj["Body"].read(), obj["ETag"]
 
     def _create(self, body: bytes) -> bool:
         if storage.is_s3(self.uri):
@@ -182,14 +187,8 @@ class OutputLock:
 
     def read(self) -> tuple[LockInfo, str] | None:
         if storage.is_s3(self.uri):
-            bucket, key = _s3_parts(self.uri)
-            try:
-                obj = _s3_client().get_object(Bucket=bucket, Key=key)
-            except Exception as e:
-                if "NoSuchKey" in str(e) or "404" in str(e):
-                    return None
-                raise
-            return LockInfo(**json.loads(obj["Body"].read())), obj["ETag"]
+            got = self._get_s3()
+            return None if got is None else (LockInfo(**json.loads(got[0])), got[1])
         path = storage.strip_scheme(self.uri)
         try:
             with open(path, "rb") as f:

@@ -1,8 +1,9 @@
 """`sparse-embed nightly --config nightly.yaml`: lock, incremental embed, index update, report.
 
 Exit codes: 0 done (also when nothing changed), 1 error rate above max_error_rate or
-objects failed for infrastructure reasons, 2 bad configuration, 3 another run holds the
-output lock (or took it over). Safe to kill and rerun: the next run
+objects failed for infrastructure reasons, 2 bad configuration, an empty listing or more
+vanished objects than max_delete (nothing changed), 3 another run holds the output lock
+(or took it over). Safe to kill and rerun: the next run
 takes over the stale lock and resumes the interrupted work.
 """
 from __future__ import annotations

@@ -82,17 +82,21 @@ def test_serve_stops_cleanly_on_sigint_and_sigterm(output):
         proc = subprocess.Popen([sys.executable, "-m", "sparse_embed.jobs.cli", "serve", "--index",
                                  str(output / "out" / "index"), "--port", "0"], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=_env())
+        head = []
         try:
-            first = proc.stdout.readline()
-            assert first.startswith("serving index "), first
-            url = first.split(" at ")[1].split()[0]
+            for line in proc.stdout:  # our INFO log lines, then the address
+                head.append(line.rstrip("\n"))
+                if line.startswith("serving index "):
+                    break
+            assert head and head[-1].startswith("serving index "), head
+            url = head[-1].split(" at ")[1].split()[0]
             assert requests.get(url + "api/status", timeout=60).json()["ntotal"] == 12
             proc.send_signal(signal.SIGTERM if i % 2 else signal.SIGINT)
             rest = proc.communicate(timeout=60)[0].splitlines()
         finally:
             if proc.poll() is None:
                 proc.kill()
-        _assert_clean(i, proc.returncode, [first.rstrip("\n"), *rest], "stopped (SIG")
+        _assert_clean(i, proc.returncode, [*head, *rest], "stopped (SIG")
 
 
 def test_demo(tmp_path):

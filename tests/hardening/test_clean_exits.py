@@ -18,7 +18,7 @@ import requests
 from helpers import SPEC
 from sparse_embed.infra.synthetic_images import generate
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3600)]  # 20 demos take ~20 min
 
 RUNS = int(os.environ.get("CLEAN_EXIT_RUNS", "20"))
 SEARCHES = int(os.environ.get("CLEAN_EXIT_SEARCHES", "100"))
@@ -41,6 +41,7 @@ def _assert_clean(i: int, rc: int, lines: list[str], last: str) -> None:
     assert rc == 0, f"run {i}: exit {rc}:\n{text}"
     assert not [n for n in NOISE if any(n in ln for ln in lines)], f"run {i}: noise in the output:\n{text}"
     assert lines and lines[-1].startswith(last), f"run {i}: the last line is not the command's own:\n{text}"
+    print(f"[clean-exits] run {i}: exit 0, clean", flush=True)  # progress under -s
 
 
 @pytest.fixture(scope="module")

@@ -78,39 +78,47 @@ def bucket_of(uris, n: int):
 class BucketDiff:
     todo: object  # listing rows to embed + attempts + image_id (null for URIs without one yet)
     stale_embeddings: object  # (uri, etag) and the embedded rows' other columns (image_id, run_id where given)
-    clear_errors: object  # (uri, etag)
+    clear_errors: object  # (uri, etag, keep_run): error rows to delete now (diff.Diff)
+    retried_errors: object  # (uri, etag): error rows of retried objects, deleted after the embed stage
     new_uris: int  # todo rows without an image_id
     counts: dict
 
 
 def diff_bucket(listed, embedded, errors, ids, *, max_attempts: int) -> BucketDiff:
     """listed: (uri, etag, size, mtime); embedded: (uri, etag, and any other columns, which
-    the stale rows keep); errors: (uri, etag, attempts); ids: (uri, image_id); any but
-    `listed` may be None. The rules of diff.diff."""
+    the stale rows keep); errors: (uri, etag, attempts, run_id if known); ids: (uri,
+    image_id); any but `listed` may be None. The rules of diff.diff."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     keys = pa.schema([("uri", pa.string()), ("etag", pa.string())])
     embedded_rows = embedded if embedded is not None else keys.empty_table()
     embedded = embedded_rows.select(["uri", "etag"])
-    errors = errors.select(["uri", "etag", "attempts"]) if errors is not None else pa.table(
-        {"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string()), "attempts": pa.array([], pa.int32())})
+    errors = _error_rows(errors)
     cur = listed.select(["uri", "etag"])
     done = cur.join(embedded, ["uri", "etag"], join_type="inner")
     stale = embedded_rows.join(cur, ["uri", "etag"], join_type="left anti")
-    at_etag = errors.join(cur, ["uri", "etag"], join_type="inner")  # failures at the current etag
-    at_etag = at_etag.set_column(2, "attempts", pc.fill_null(at_etag.column("attempts"), 0).cast(pa.int32()))
-    over = at_etag.filter(pc.greater_equal(at_etag.column("attempts"), max_attempts)).select(["uri", "etag"])
+    at_rows = errors.join(cur, ["uri", "etag"], join_type="inner")  # failures at the current etag
+    at_etag = at_rows.group_by(["uri", "etag"]).aggregate([("attempts", "max"), ("attempts", "count")])
+    at_etag = at_etag.rename_columns([{"attempts_max": "attempts", "attempts_count": "rows"}.get(c, c)
+                                      for c in at_etag.column_names]).select(["uri", "etag", "attempts", "rows"])
+    over = at_etag.filter(pc.greater_equal(at_etag.column("attempts"), max_attempts))
     gave_up = over.join(done, ["uri", "etag"], join_type="left anti")
     todo = (listed.join(done.select(["uri"]), "uri", join_type="left anti")
             .join(gave_up.select(["uri"]), "uri", join_type="left anti"))
     todo = todo.join(at_etag.select(["uri", "attempts"]), "uri", join_type="left outer")
-    todo = todo.set_column(todo.column_names.index("attempts"), "attempts", pc.fill_null(todo.column("attempts"), 0))
+    todo = todo.set_column(todo.column_names.index("attempts"), "attempts",
+                           pc.fill_null(todo.column("attempts"), 0).cast(pa.int32()))
     id_rows = ids.select(["uri", "image_id"]) if ids is not None else pa.table(
         {"uri": pa.array([], pa.string()), "image_id": pa.array([], pa.int64())})
     todo = todo.join(id_rows, "uri", join_type="left outer").sort_by("uri")
     todo = todo.select(["image_id", "uri", "etag", "size", "mtime", "attempts"])
-    clear = errors.select(["uri", "etag"]).join(gave_up, ["uri", "etag"], join_type="left anti")
+    retried = at_etag.select(["uri", "etag"]).join(todo.select(["uri"]), "uri", join_type="left semi")
+    clear = (errors.select(["uri", "etag"]).group_by(["uri", "etag"]).aggregate([])
+             .join(gave_up.select(["uri", "etag"]), ["uri", "etag"], join_type="left anti")
+             .join(retried, ["uri", "etag"], join_type="left anti"))
+    clear = clear.append_column("keep_run", pa.nulls(clear.num_rows, pa.string()))
+    clear = pa.concat_tables([clear.cast(_clear_schema()), _duplicates_of(gave_up, at_rows).cast(_clear_schema())])
 
     emb_uris = embedded.select(["uri"])
     failed_uris = errors.select(["uri"]).group_by("uri").aggregate([])
@@ -126,8 +134,40 @@ def diff_bucket(listed, embedded, errors, ids, *, max_attempts: int) -> BucketDi
         "retried": fresh.join(failed_uris, "uri", join_type="left semi").num_rows,
         "gave_up": gave_up.num_rows,
     }
-    return BucketDiff(todo, stale, clear.cast(keys), int(pc.sum(pc.is_null(todo.column("image_id"))).as_py() or 0),
-                      counts)
+    return BucketDiff(todo, stale, clear.sort_by([("uri", "ascending"), ("etag", "ascending")]),
+                      retried.cast(keys).sort_by("uri"),
+                      int(pc.sum(pc.is_null(todo.column("image_id"))).as_py() or 0), counts)
+
+
+def _clear_schema():
+    import pyarrow as pa
+
+    return pa.schema([("uri", pa.string()), ("etag", pa.string()), ("keep_run", pa.string())])
+
+
+def _error_rows(errors):
+    """(uri, etag, attempts, run_id) of the error rows, attempts null -> 0; an empty table for None."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if errors is None:
+        return pa.table({"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string()),
+                         "attempts": pa.array([], pa.int32()), "run_id": pa.array([], pa.string())})
+    run = errors.column("run_id") if "run_id" in errors.column_names else pa.nulls(errors.num_rows, pa.string())
+    return pa.table({"uri": errors.column("uri"), "etag": errors.column("etag"),
+                     "attempts": pc.fill_null(errors.column("attempts"), 0).cast(pa.int32()), "run_id": run})
+
+
+def _duplicates_of(gave_up, at_rows):
+    """(uri, etag, keep_run) for each given-up key with several error rows: keep_run is the
+    run of a row with the highest attempts (none when that row has no run_id)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    dup = gave_up.filter(pc.greater(gave_up.column("rows"), 1)).select(["uri", "etag", "attempts"])
+    best = at_rows.join(dup, ["uri", "etag", "attempts"], join_type="inner")
+    best = best.filter(pc.is_valid(best.column("run_id"))).group_by(["uri", "etag"]).aggregate([("run_id", "max")])
+    return pa.table({"uri": best.column("uri"), "etag": best.column("etag"), "keep_run": best.column("run_id_max")})
 
 
 def id_starts(next_id: int, new_per_bucket: list[int]) -> list[int]:

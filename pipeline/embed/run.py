@@ -3,10 +3,13 @@
 Every listed object ends as exactly one live row of `embeddings` or one row of `errors`:
 1. files an earlier, killed run wrote but never committed are committed (recover);
 2. rows whose (uri, etag) no longer matches the listing are removed (one commit, by the
-   table's mechanism: copy-on-write or deletion vectors; store/removal.py), and error
-   rows of objects about to be retried are deleted;
+   table's mechanism: copy-on-write or deletion vectors; store/removal.py), and so are
+   the error rows of objects embedded, changed or deleted since;
 3. objects not yet embedded at their current etag are processed; the sink commits them
-   (one commit per table).
+   (one commit per table);
+4. the error rows the retried objects had before this run are deleted. Until then a
+   retried object that failed again has two rows; the diff counts the higher attempts,
+   so a crash never loses an attempt.
 A crash between any two commits leaves a state the next run completes.
 
 Model versions never mix: the first run's encoder becomes the active one (<out>/encoder.json).
@@ -322,7 +325,7 @@ def _run_embed_locked(cfg: EmbedConfig) -> dict:
     from sparse_embed.infra.ray_launcher import ensure_ray
 
     from sparse_embed.pipeline.embed.sink import empty_failures, recover_pending
-    from sparse_embed.pipeline.embed.todo import remove_work
+    from sparse_embed.pipeline.embed.todo import clear_retried, remove_work
     from sparse_embed.pipeline.index.publish import index_is_current
 
     timer = StageTimer()
@@ -346,6 +349,8 @@ def _run_embed_locked(cfg: EmbedConfig) -> dict:
     log.info("run %s: %s (recovered %d rows of an interrupted run)", cfg.run_id, todo.counts, recovered)
     embedded, pool, embed_seconds, failed = (_embed_todo(cfg, todo, root, enc, timer) if todo.num_rows
                                              else (0, {}, {}, empty_failures()))
+    if todo.retried_buckets:
+        clear_retried(cfg.out, root, cfg.run_id, todo)
     remove_work(cfg.out)  # this run holds the lock: every work directory is its own or a dead run's
     failed_by_reason, failed_by_kind, failed_first = failed["by_reason"], failed["by_kind"], failed["first"]
     promoted = root != cfg.out

@@ -17,10 +17,12 @@ hash(uri) buckets (buckets.py). The driver holds file paths, versions and counts
    table's mechanism (store/removal.py: copy-on-write rewrites of the files that hold
    them, or deletion vectors), in Ray tasks per group of files; a deletion-vector table
    then compacts the files whose deleted share reaches removal.COMPACT_FRACTION; then the
-   error keys' merge-delete and the new ids. A table written before 2026-12 has its
-   tombstones converted first (removal.convert_tombstones);
+   error keys' merge-delete (the rows of embedded, changed and deleted objects, and the
+   older duplicates of a given-up object) and the new ids. A table written before 2026-12
+   has its tombstones converted first (removal.convert_tombstones);
 5. the embed stage reads the todo files in Ray Data read tasks (todo_source.py), in
-   blocks of about one decode batch.
+   blocks of about one decode batch;
+6. after the embed stage, clear_retried deletes the retried objects' earlier error rows.
 <work> is <out>/_work/<run_id>/. A run removes all of <out>/_work before its diff and after
 its embed stage: it holds the output lock, so any other work directory is a dead run's.
 """
@@ -41,7 +43,7 @@ FILES_PER_PARTITION_TASK = 8  # input files one partition task reads (Delta file
 INPUTS = {  # work-directory name -> (table, columns)
     "listed": (tables.LISTING, ["uri", "etag", "size", "mtime"]),
     "embedded": (tables.EMBEDDINGS, ["uri", "etag", "model_version", "image_id", "run_id"]),  # + _file, _row
-    "errors": (tables.ERRORS, ["uri", "etag", "attempts"]),
+    "errors": (tables.ERRORS, ["uri", "etag", "attempts", "run_id"]),
     "ids": (tables.IMAGE_IDS, ["uri", "image_id"]),
 }
 
@@ -58,6 +60,7 @@ class TodoParts:
     compacted: int = 0  # deleted rows a compaction dropped from rewritten files; 0 when none ran
     converted: int = 0  # rows masked by tombstones of an older table, removed in its conversion
     guard: dict = field(default_factory=dict)  # deletion_guard.check's figures
+    retried_buckets: list = field(default_factory=list)  # buckets with error rows to delete after the stage
 
     def schema(self):
         """The todo files' Arrow schema (image_id, uri, etag, size, mtime, attempts), from
@@ -166,8 +169,9 @@ def diff_task(work: str, k: int, max_attempts: int, file_buckets: int) -> dict:
     out = {"k": k, "counts": d.counts, "new_uris": d.new_uris, "todo_rows": d.todo.num_rows,
            "first_tries": int(pc.sum(pc.equal(d.todo.column("attempts"), 0)).as_py() or 0) if d.todo.num_rows else 0,
            "max_id": int(pc.max(ids.column("image_id")).as_py()) if ids is not None and ids.num_rows else -1,
-           "stale": d.stale_embeddings.num_rows, "clear": d.clear_errors.num_rows, "stale_buckets": []}
-    for name, table in (("todo", d.todo), ("clear", d.clear_errors)):
+           "stale": d.stale_embeddings.num_rows, "clear": d.clear_errors.num_rows,
+           "retried": d.retried_errors.num_rows, "stale_buckets": []}
+    for name, table in (("todo", d.todo), ("clear", d.clear_errors), ("retried", d.retried_errors)):
         if table.num_rows:
             tables.write_parquet_file(work, f"{name}/part-b{k:05d}.parquet", table, row_group_size=TODO_ROW_GROUP)
     if d.stale_embeddings.num_rows:
@@ -271,7 +275,7 @@ def build_todo(*, out: str, root: str, listed, run_id: str, model_version: str, 
     removed = _remove_stale(work, emb, sorted({m for d in diffs for m in d["stale_buckets"]}), file_buckets, run_id,
                             out, owner) if any(d["stale"] for d in diffs) else None
     compacted = _compact_if_due(emb_uri, owner, out, run_id)
-    _delete_keys(work, "clear", tables.table_uri(root, tables.ERRORS), [d for d in diffs if d["clear"]], owner, out)
+    _delete_keys(work, "clear", tables.table_uri(root, tables.ERRORS), [d["k"] for d in diffs if d["clear"]], owner, out)
     if id_files:
         tables.commit_files(ids_uri, id_files, tables.image_ids_schema())
     with_todo = [d for d in diffs if d["todo_rows"]]
@@ -279,7 +283,7 @@ def build_todo(*, out: str, root: str, listed, run_id: str, model_version: str, 
     return TodoParts(paths, [d["todo_rows"] for d in with_todo], sum(d["todo_rows"] for d in diffs),
                      sum(d["first_tries"] for d in diffs), counts, removed=removed.rows if removed else 0,
                      removal=_removal_figures(removed), compacted=compacted, converted=converted.rows if converted else 0,
-                     guard=figures)
+                     guard=figures, retried_buckets=[d["k"] for d in diffs if d["retried"]])
 
 
 REMOVAL_TASKS_MAX = 256  # file buckets of the stale positions: at most this many removal tasks
@@ -321,18 +325,26 @@ def _compact_if_due(emb_uri: str, owner: str | None, out: str, run_id: str) -> i
     return removal.compact(emb_uri, tag=f"{run_id}-compact", out=out, owner=owner).rows
 
 
-def _delete_keys(work: str, name: str, uri: str, with_rows: list, owner: str | None, out: str) -> None:
-    """Delete the rows of `uri` whose (uri, etag) is in the buckets' <name> files, in one
-    commit made by a Ray task (delete_keys_task): the merge reads and rewrites table files,
-    which must not grow the driver."""
+# An error key row (uri, etag, keep_run) deletes every error row of its key except those
+# written by run keep_run (a null keep_run keeps none; a row without run_id is never kept).
+_KEEP_RUN = "s.keep_run IS NOT NULL AND t.run_id IS NOT NULL AND t.run_id = s.keep_run"
+
+
+def _delete_keys(work: str, name: str, uri: str, ks: list[int], owner: str | None, out: str,
+                 keep_run: str | None = None) -> None:
+    """Delete the error rows of `uri` named by buckets `ks`' <name> files (error key rows;
+    `keep_run` fills in their keep_run), in one commit made by a Ray task
+    (delete_keys_task): the merge reads and rewrites table files, which must not grow the
+    driver."""
     import ray
 
-    if not with_rows:
+    if not ks:
         return
-    ray.get(ray.remote(num_cpus=0.5)(delete_keys_task).remote(work, name, uri, [d["k"] for d in with_rows], out, owner))
+    ray.get(ray.remote(num_cpus=0.5)(delete_keys_task).remote(work, name, uri, ks, out, owner, keep_run))
 
 
-def delete_keys_task(work: str, name: str, uri: str, ks: list[int], out: str, owner: str | None) -> int:
+def delete_keys_task(work: str, name: str, uri: str, ks: list[int], out: str, owner: str | None,
+                     keep_run: str | None = None) -> int:
     """Task body of _delete_keys: reads the keys of buckets `ks`, checks that the run
     `owner` still holds `out`'s lock, and runs the merge-delete. Returns the rows deleted."""
     import pyarrow as pa
@@ -341,9 +353,22 @@ def delete_keys_task(work: str, name: str, uri: str, ks: list[int], out: str, ow
     from sparse_embed.pipeline.store.lock import verify_owner
 
     afs, base = storage.arrow_filesystem(work)
-    keys = []
+    parts = []
     for k in ks:
         with afs.open_input_file(f"{base}/{name}/part-b{k:05d}.parquet") as src:
-            keys.append(pq.read_table(src))
+            parts.append(pq.read_table(src))
+    keys = pa.concat_tables(parts)
+    if "keep_run" not in keys.column_names:
+        keys = keys.append_column("keep_run", pa.array([keep_run] * keys.num_rows, pa.string()))
     verify_owner(out, owner)
-    return tables.delete_matching(uri, pa.concat_tables(keys), on=("uri", "etag"))
+    return tables.delete_matching(uri, keys, on=("uri", "etag"), unless=_KEEP_RUN)
+
+
+def clear_retried(out: str, root: str, run_id: str, parts: TodoParts) -> None:
+    """After the embed stage: delete the earlier error rows of the objects this run retried,
+    keeping the rows it wrote. Until then an object's attempt count is in its old row, so a
+    run killed before it wrote the new row loses no attempt; killed after, the next diff
+    counts the higher of the two."""
+    log.info("[clear retried] start: error rows of %d buckets", len(parts.retried_buckets))
+    _delete_keys(work_dir(out, run_id), "retried", tables.table_uri(root, tables.ERRORS), parts.retried_buckets,
+                 owner_for_tasks(out), out, keep_run=run_id)

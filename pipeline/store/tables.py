@@ -115,17 +115,18 @@ def append(uri: str, table, schema) -> int:
     return open_table(uri).version()
 
 
-def delete_matching(uri: str, keys, on: tuple[str, ...]) -> int:
-    """Delete rows whose `on` columns equal a row of `keys` (an Arrow table), in one commit.
-    Returns the number of rows deleted."""
+def delete_matching(uri: str, keys, on: tuple[str, ...], *, unless: str | None = None) -> int:
+    """Delete rows whose `on` columns equal a row of `keys` (an Arrow table), in one commit;
+    `unless`: a SQL condition on the target row `t` and key row `s` that keeps a matching
+    row (its key columns travel with `keys`). Returns the number of rows deleted."""
     from deltalake import WriterProperties
 
     dt = open_table(uri)
     if dt is None or keys.num_rows == 0:
         return 0
     check_before_commit(uri)
-    predicate = " AND ".join(f"t.{c} = s.{c}" for c in on)
-    metrics = (dt.merge(source=keys.select(list(on)), predicate=predicate, source_alias="s", target_alias="t",
+    predicate = " AND ".join(f"t.{c} = s.{c}" for c in on) + (f" AND NOT ({unless})" if unless else "")
+    metrics = (dt.merge(source=keys, predicate=predicate, source_alias="s", target_alias="t",
                         writer_properties=WriterProperties(compression="ZSTD"))  # as the sink writes: snappy was 1.4-2x
                .when_matched_delete().execute())
     return int(metrics.get("num_target_rows_deleted", 0))

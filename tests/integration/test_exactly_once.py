@@ -253,3 +253,67 @@ def test_delta_commits_use_conditional_writes_so_concurrent_commits_never_overwr
         t.join(120)
     assert sorted(live.read_live(uri, ["image_id"]).column("image_id").to_pylist()) == list(range(7))
     assert tables.version_of(uri) == 7  # v0 creates the table, then seven appends
+
+
+def _attempts(out: str) -> list[tuple]:
+    err = live.read_live(f"{out}/errors", ["uri", "attempts", "run_id"])
+    return sorted(zip(*(err.column(c).to_pylist() for c in ("uri", "attempts", "run_id"))))
+
+
+def test_attempts_survive_runs_killed_before_and_after_their_embed_stage(ray_local, bucket, monkeypatch):
+    """An object that is no image, max_attempts 2: a run killed before its embed stage keeps
+    the object's attempt (its error row is deleted only after the stage); a run killed after
+    the stage wrote the new row and before it deleted the old one leaves both, and the next
+    run counts the higher: it gives the object up and keeps that one row."""
+    from sparse_embed.pipeline.embed import run as run_mod
+    from sparse_embed.pipeline.embed import todo as todo_mod
+
+    source, _ = fill(bucket, 2, seed=28)
+    storage.put_many(source, {"junk.jpg": b"not an image at all"})
+    junk, out = f"{source}junk.jpg", f"{bucket}/emb"
+    run_embed(_cfg(source, out, max_attempts=2, run_id="night-1"))
+    assert _attempts(out) == [(junk, 1, "night-1")]
+
+    def die(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(run_mod, "_embed_todo", die)  # killed after the diff's commits, before the stage
+    with pytest.raises(RuntimeError, match="killed"):
+        run_embed(_cfg(source, out, max_attempts=2, run_id="night-2"))
+    assert _attempts(out) == [(junk, 1, "night-1")], "the attempt survives"
+    monkeypatch.undo()
+
+    monkeypatch.setattr(todo_mod, "clear_retried", die)  # killed after the stage, before the old row goes
+    with pytest.raises(RuntimeError, match="killed"):
+        run_embed(_cfg(source, out, max_attempts=2, run_id="night-3"))
+    assert _attempts(out) == [(junk, 1, "night-1"), (junk, 2, "night-3")]
+    monkeypatch.undo()
+
+    last = run_embed(_cfg(source, out, max_attempts=2, run_id="night-4"))
+    assert last["counts"]["gave_up"] == 1 and last["counts"]["processed"] == 0, last["counts"]
+    assert _attempts(out) == [(junk, 2, "night-3")], "the given-up object keeps its newest row only"
+    assert_exactly_once(source, out, all_embedded=False)
+    assert_settled(_cfg(source, out, max_attempts=2, run_id="night-5"))
+
+
+def test_a_retried_object_that_succeeds_loses_its_earlier_error_rows(ray_local, bucket):
+    """Two error rows of an earlier run for an object at its current etag (an infrastructure
+    failure, then a run killed after its stage): the next run retries it, embeds it, and
+    after its stage deletes both rows."""
+    import pyarrow as pa
+
+    from sparse_embed.pipeline.embed.listing import list_objects
+
+    source, keys = fill(bucket, 2, seed=29)
+    out = f"{bucket}/emb"
+    etag = dict(zip(*(list_objects(source).column(c).to_pylist() for c in ("uri", "etag"))))[keys[0]]
+    tables.ensure_table(f"{out}/errors", tables.errors_schema())
+    tables.append(f"{out}/errors", pa.table({
+        "image_id": pa.array([None, None], pa.int64()), "uri": [keys[0]] * 2, "etag": [etag] * 2,
+        "stage": ["fetch"] * 2, "error_type": ["PermissionError"] * 2, "message": ["AccessDenied"] * 2,
+        "attempts": pa.array([0, 0], pa.int32()), "run_id": ["night-0", None]}), tables.errors_schema())
+    report = run_embed(_cfg(source, out, run_id="night-1"))
+    assert report["counts"]["retried"] == 1 and report["counts"]["embedded"] == 4, report["counts"]
+    assert _attempts(out) == []
+    assert_exactly_once(source, out)
+    assert_settled(_cfg(source, out, run_id="night-2"))

@@ -199,6 +199,7 @@ def compact(table_uri: str, *, fraction: float | None = None, tag: str | None = 
     if not due:
         return Removal(mechanism_of(dt))
     tag = tag or f"compact-{uuid.uuid4().hex[:8]}"
+    log.info("[compact] start: %d files of %s", len(due), table_uri)
     groups = [[(f, np.zeros(0, np.int64)) for f in due[i: i + 8]] for i in range(0, len(due), 8)]
     results = _run(table_uri, groups, tag, COPY_ON_WRITE, out, owner)
     rem = commit_removal(table_uri, dt.version(), results, DELETION_VECTORS if tf.deletion_vectors else COPY_ON_WRITE,

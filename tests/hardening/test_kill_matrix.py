@@ -3,7 +3,10 @@ local Ray as a dead machine would be, the moment its log says the stage started)
 command run again completes with every object exactly once, the index describing the table,
 and a third run finds nothing to redo, recover or commit. Stages: list, diff, the embed
 stage, the commit, the index and the promotion of a new model; on a changed day, during
-the removal's copy-on-write rewrites and between its deletion commit and the data commit."""
+the removal's copy-on-write rewrites and between its deletion commit and the data commit;
+on a changed day of a deletion-vector table with an object that fails, after the diff's
+commits, inside compaction, between the embed stage and the deletion of the retried
+object's old error row, and inside the index update."""
 from __future__ import annotations
 
 import os
@@ -51,10 +54,10 @@ def _kill_when_logged(argv: list[str], needle: str, timeout: float = 300) -> boo
     return killed.is_set()
 
 
-def _check_repaired(source: str, out: str, spec: dict, **kw) -> None:
+def _check_repaired(source: str, out: str, spec: dict, *, all_embedded: bool = True, **kw) -> None:
     cfg = EmbedConfig(source=source, out=out, spec=spec, rows_per_file=4, index_shards=1, run_id="rerun", **kw)
     run_embed(cfg)
-    assert_exactly_once(source, out)
+    assert_exactly_once(source, out, all_embedded=all_embedded)
     m = current_manifest(f"{out}/index")
     assert m["table_version"] == tables.version_of(f"{out}/embeddings")
     assert set(live.read_live(f"{out}/embeddings", ["model_version"]).column("model_version").to_pylist()) == {
@@ -115,3 +118,37 @@ def test_driver_killed_while_promoting_a_new_model_then_rerun_is_exactly_once(ra
             "--index-shards", "1"]
     assert _kill_when_logged(argv, "[promote] start"), "the run ended before the promotion"
     _check_repaired(source, out, SPEC_B)
+
+
+INCREMENTAL_POINTS = [
+    pytest.param("[diff] done", id="after-clearing-error-rows", marks=pytest.mark.slow),  # removal, compaction, error keys and ids committed
+    pytest.param("[compact] start", id="inside-compaction", marks=pytest.mark.slow),
+    pytest.param("[clear retried] start", id="before-clearing-retried-errors", marks=pytest.mark.slow),
+    pytest.param("index update ", id="inside-index-update", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("needle", INCREMENTAL_POINTS)
+def test_driver_killed_in_an_incremental_run_then_rerun_is_exactly_once(ray_local, bucket, needle):
+    """Day 0: 8 images and one object that is no image (max_attempts 2), a deletion-vector
+    table of 4-row files. Day 1: one image changed, one deleted (a quarter of their file:
+    compaction is due), the bad object retried. Killed at `needle`, rerun: exactly once,
+    the index describes the table, the bad object holds one error row with both attempts,
+    and a third run has nothing to do."""
+    source, uris = fill(bucket, 4, seed=44)
+    storage.put_many(source, {"junk.jpg": b"not an image at all"})
+    out = f"{bucket}/emb"
+    run_embed(EmbedConfig(source=source, out=out, spec=SPEC, rows_per_file=4, index_shards=1, max_attempts=2,
+                          deletion_vectors=True, run_id="day0"))
+    keys = sorted(u[len(source):] for u in uris)
+    fs = storage.filesystem(source)
+    storage.put_many(source, {keys[0]: fs.cat_file(storage.strip_scheme(source + keys[1]))})  # changed
+    fs.rm_file(storage.strip_scheme(source + keys[2]))  # deleted
+    argv = ["embed", source, "--out", out, "--model", SPEC["model"], "--rows-per-file", "4", "--index-shards", "1",
+            "--max-delete", "1", "--max-attempts", "2"]
+    assert _kill_when_logged(argv, needle), f"the run ended before {needle!r}"
+    _check_repaired(source, out, SPEC, all_embedded=False, max_delete="1", max_attempts=2)
+    err = live.read_live(f"{out}/errors", ["uri", "attempts"])
+    assert list(zip(err.column("uri").to_pylist(), err.column("attempts").to_pylist())) == [(source + "junk.jpg", 2)]
+    rows = live.read_live(f"{out}/embeddings", ["uri"]).column("uri").to_pylist()
+    assert sorted(rows) == sorted(u for u in uris if u != source + keys[2])

@@ -55,6 +55,9 @@ def filesystem(uri: str):
     return fsspec.filesystem("file")
 
 
+ARROW_S3_ATTEMPTS = 10  # tries of one pyarrow S3 request (throttling, 5xx, resets)
+
+
 def arrow_filesystem(uri: str):
     """A pyarrow filesystem plus the path inside it, for Parquet reads and writes."""
     import pyarrow.fs as pafs
@@ -69,6 +72,9 @@ def arrow_filesystem(uri: str):
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             kwargs["region"] = region
+        # pyarrow's default is 3 attempts: three 503 SlowDowns in a row then fail a diff or
+        # read task; the standard strategy backs off between attempts (as deltalake's 10 retries)
+        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=ARROW_S3_ATTEMPTS)
         return pafs.S3FileSystem(**kwargs), strip_scheme(uri)
     return pafs.LocalFileSystem(), strip_scheme(uri)
 

@@ -49,6 +49,7 @@ class FaultPlan:
     # "METHOD path-part" rules: the first matching request reaches the store, then its
     # response is lost (the client's connection is reset), as when a network drops it
     drop_response: tuple = ()
+    only: tuple = ()  # random faults only for requests whose path holds one of these (empty: every request)
 
     def __post_init__(self):
         for name in ("slowdown", "reset", "stall"):
@@ -211,7 +212,7 @@ class FaultProxy:
                     self.counts["dropped_response"] = self.counts.get("dropped_response", 0) + 1
                 self._forward_and_drop(client, head, rest)
                 return
-            kind = self._decide()
+            kind = self._decide() if not self.plan.only or any(k in path for k in self.plan.only) else "passed"
             if kind == "reset":
                 _reset(client)
                 return

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from sparse_embed.pipeline.store import storage
+from sparse_embed.pipeline.store.lock import check_before_commit
 
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 _USERINFO = re.compile(r"(?P<scheme>[a-z0-9+.-]+://)[^/@\s]+@", re.IGNORECASE)
@@ -170,6 +171,7 @@ def write_encoder_spec(out: str, enc) -> None:
     doc = {"spec": enc.spec.to_dict(), "model_version": enc.model_version, "dim": enc.dim,
            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in enc.data_config.items()}}
     body = json.dumps(redact(doc), indent=2).encode()
+    check_before_commit(out)
     storage.write_bytes_atomic(storage.join(out, "encoders", f"{enc.model_version}.json"), body)
     storage.write_bytes_atomic(storage.join(out, "encoder.json"), body)
 

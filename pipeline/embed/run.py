@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 
 from sparse_embed.pipeline.embed import listing, report
 from sparse_embed.pipeline.store import storage, tables
+from sparse_embed.pipeline.store.lock import check_before_commit
 from sparse_embed.pipeline.embed.deletion_guard import DEFAULT_LIMIT, DeleteLimit
 from sparse_embed.pipeline.embed.timing import StageTimer
 
@@ -162,6 +163,7 @@ def _drop_staging_state(root: str) -> None:
     """Everything under a promoted staging root but the embeddings data files, which the
     active table now names: its encoder.json, markers, errors table and the staged
     embeddings table's log."""
+    check_before_commit(root)
     fs = storage.filesystem(root)
     base = storage.strip_scheme(root)
     keep = storage.strip_scheme(tables.table_uri(root, tables.EMBEDDINGS))

@@ -35,7 +35,7 @@ from sparse_embed.pipeline.embed import buckets, deletion_guard
 from sparse_embed.pipeline.embed.deletion_guard import DeleteLimit
 from sparse_embed.pipeline.embed.todo_source import TODO_ROW_GROUP
 from sparse_embed.pipeline.store import live, removal, storage, tables
-from sparse_embed.pipeline.store.lock import owner_for_tasks
+from sparse_embed.pipeline.store.lock import check_before_commit, owner_for_tasks
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,10 @@ def work_dir(out: str, run_id: str) -> str:
 
 
 def remove_work(out: str, run_id: str | None = None) -> None:
-    """Remove <out>/_work/<run_id> (all of <out>/_work when run_id is None)."""
+    """Remove <out>/_work/<run_id> (all of <out>/_work when run_id is None), if this process
+    still holds `out`'s lock (or holds none): a run that lost it must not remove the work of
+    the run that took it."""
+    check_before_commit(out)
     fs = storage.filesystem(out)
     path = storage.strip_scheme(work_dir(out, run_id) if run_id else storage.join(out, "_work"))
     try:

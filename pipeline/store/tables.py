@@ -293,4 +293,5 @@ def vacuum(uri: str, *, retention_hours: int) -> int:
     dt = open_table(uri)
     if dt is None:
         return 0
+    check_before_commit(uri)
     return len(dt.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False, full=True))

@@ -9,11 +9,8 @@ Ray workers (runtime_env), so faults reach s3fs, pyarrow's S3 and deltalake alik
 """
 from __future__ import annotations
 
-import gc
 import os
 import signal
-import threading
-import time
 
 import pytest
 
@@ -21,8 +18,6 @@ from helpers import SPEC
 from helpers.fault_proxy import FaultPlan, FaultProxy
 from helpers.faults import (RAY_INIT, assert_exactly_once, assert_settled, fill, finish_or_resume, pending_markers,
                            run_in_thread, wait_for)
-from sparse_embed.infra.synthetic_images import generate
-from sparse_embed.pipeline.store import storage, tables
 from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
 
 pytestmark = pytest.mark.integration

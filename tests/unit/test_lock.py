@@ -60,7 +60,7 @@ def test_a_failed_heartbeat_stops_the_next_commit(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     uri = f"{out}/embeddings"
     schema = _table(uri)
-    with output_lock(out, owner="run-a") as held:
+    with output_lock(out, owner="run-a", ttl_s=6) as held:  # a failing heartbeat is retried for ttl/6 (1 s) here
         check_before_commit(uri)  # held: commits go ahead
 
         def store_down(*a, **k):
@@ -89,6 +89,35 @@ def test_a_lock_taken_over_stops_the_next_commit(tmp_path):
                                          "embedding": pa.array([[1.0, 0.0]], pa.list_(pa.float32()))}), schema)
         other.release()
     assert live.read_live(uri, ["image_id"]).column("image_id").to_pylist() == [1]
+
+
+def test_a_run_that_lost_its_lock_removes_and_overwrites_nothing(tmp_path):
+    """Besides commits: the work directory, encoder.json and a vacuum are the output's too;
+    a run whose lock was taken over leaves them to the run that holds it."""
+    import os
+    from types import SimpleNamespace
+
+    from sparse_embed.pipeline.embed.report import write_encoder_spec
+    from sparse_embed.pipeline.embed.todo import remove_work
+
+    out = str(tmp_path / "out")
+    uri = f"{out}/embeddings"
+    _table(uri)
+    os.makedirs(f"{out}/_work/run-b")
+    with open(f"{out}/encoder.json", "w") as f:
+        f.write("{}")
+    enc = SimpleNamespace(spec=SimpleNamespace(to_dict=lambda: {"model": "x"}), model_version="mv", dim=2, data_config={})
+    with output_lock(out, owner="run-a") as held:
+        other = OutputLock(out, owner="run-b")
+        info, etag = other.read()
+        assert other._replace(other._body(info.acquired_at), etag)
+        assert held.beat() is False
+        for step in (lambda: remove_work(out), lambda: write_encoder_spec(out, enc),
+                     lambda: tables.vacuum(uri, retention_hours=0)):
+            with pytest.raises(LockLost, match="taken over by another run"):
+                step()
+        other.release()
+    assert os.path.isdir(f"{out}/_work/run-b") and open(f"{out}/encoder.json").read() == "{}"
 
 
 def test_commits_outside_a_held_output_are_not_checked(tmp_path):

@@ -194,3 +194,26 @@ def test_object_store_restarted_mid_run_is_ridden_out(proxy, object_store):
     assert rerun["counts"]["processed"] == counts["failed_infrastructure"], rerun["counts"]
     assert_exactly_once(source, out)
     assert_settled(cfg)
+
+
+@pytest.mark.slow  # > 40 s on 2 cores; ./dev test -m slow
+def test_a_lost_answer_to_a_delta_commit_never_commits_twice(proxy, object_store):
+    """The data commit reaches the store and its answer is lost (the connection reset after
+    the store wrote it): the client retries a commit that already landed. One outcome:
+    every object is one row, and a further run has nothing to do."""
+    bucket = object_store.create_bucket("fault-commit")
+    source, uris = fill(bucket, 6, seed=25)
+    out = f"{bucket}/out"
+    cfg = EmbedConfig(source=source, out=out, spec=SPEC, rows_per_file=4, build_index=False)
+    proxy.set_plan(FaultPlan(drop_response=("PUT /fault-commit/out/embeddings/_delta_log/00000000000000000001.json",)))
+    try:
+        t, box = run_in_thread(cfg)
+        t.join(300)
+    finally:
+        proxy.set_plan(OFF)
+    print(f"lost commit answer: {proxy.counts}; {box.get('error', '')[:400]}")
+    assert proxy.counts.get("dropped_response", 0) == 1, proxy.counts
+    assert not t.is_alive() and "result" in box, box.get("error")
+    assert box["result"]["counts"]["embedded"] == len(uris), box["result"]["counts"]
+    assert_exactly_once(source, out)
+    assert_settled(cfg)

@@ -197,6 +197,20 @@ def test_the_page_is_served_with_a_strict_policy(server):
     assert r.headers["X-Content-Type-Options"] == "nosniff"
 
 
+def test_a_thumbnail_of_an_object_over_the_size_cap_is_422_without_reading_it_whole(indexed):
+    """An indexed object on S3 larger than the server's --max-object-mb: 422 in words."""
+    uri = indexed["source"] + "base/img_00001.png"
+    size = storage.filesystem(uri).info(storage.strip_scheme(uri))["size"]
+    live = LiveIndex(indexed["index"], check_every_s=3600)
+    live.load()
+    with BackgroundServer(build_app(live, max_object_bytes=size - 1)) as srv:
+        client = Client(srv.url)
+        r = client("GET", f"/api/thumb/{indexed['ids'][uri]}")
+        assert r.status_code == 422 and "too large to show" in r.json()["error"], r.text
+        small = min(indexed["ids"], key=lambda u: storage.filesystem(u).info(storage.strip_scheme(u))["size"])
+        assert client("GET", f"/api/thumb/{indexed['ids'][small]}").status_code == 200
+
+
 def test_a_request_that_took_the_old_index_answers_from_it_across_a_swap(indexed, object_store, monkeypatch):
     """A search by URI is held inside its lookup while a new index is published and the
     server loads it: requests after the swap get the new index, and the held request

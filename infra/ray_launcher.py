@@ -29,67 +29,38 @@ def verbose() -> bool:
     return logging.getLogger("sparse_embed").isEnabledFor(logging.DEBUG)
 
 
-_EARLY: dict = {}  # "started": set when start_early's start ended; "error": what it raised
-
-
-class _NoThreadWarning(logging.Filter):
-    """Drops Ray's warning that a start outside the main thread sets no SIGTERM handler:
-    start_early sets the same handler itself."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "SIGTERM handler is not set" not in record.getMessage()
-
-
-def start_early() -> None:
-    """Start Ray in a background thread, so that its start (~3-4 s on 2 cores) overlaps the
-    driver's imports of torch and timm and its encoder build; ensure_ray waits for it. The
-    CLI calls it once its inputs are checked.
-
-    The thread stays alive (blocked) until the process exits: Ray's processes are started
-    with a parent-death signal, which Linux sends when the thread that started them ends,
-    not the process. Ray sets its SIGTERM handler (exit through sys.exit, so its shutdown
-    at exit runs) only when started from the main thread: this sets the same one."""
-    import signal
-    import threading
-
-    if _EARLY or "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        return
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
-    logging.getLogger("ray._private.worker").addFilter(_NoThreadWarning())
-    started = _EARLY["started"] = threading.Event()
-
-    def start():
-        try:
-            _start()
-        except BaseException as e:  # noqa: BLE001 - raised by ensure_ray in the caller's thread
-            _EARLY["error"] = e
-        finally:
-            started.set()
-        threading.Event().wait()  # keeps Ray's processes alive: see above
-
-    threading.Thread(target=start, name="ray-start", daemon=True).start()
-
-
-def join_early() -> None:
-    """Wait for start_early's start to end. A command that stops before it needs Ray calls
-    it before exiting, so that Ray's shutdown at exit finds a started Ray (a process that
-    exits mid-start can leave Ray's processes behind)."""
-    started = _EARLY.get("started")
-    if started is not None:
-        started.wait()
-
-
 def ensure_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
-    """Initialise Ray once (or wait for start_early's start); returns the cluster's resources."""
+    """Initialise Ray once; returns the cluster's resources."""
     import ray
 
     loud = verbose()
-    join_early()
-    if "error" in _EARLY:
-        raise _EARLY.pop("error")
     if not ray.is_initialized():
-        _start(num_cpus=num_cpus, num_gpus=num_gpus)
+        # logging_level: the driver's "ray" logger ("Started a local Ray instance" is INFO).
+        verbosity = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.WARNING}
+        if not loud:
+            # Ray's C++ core worker in this process logs to stderr; at default verbosity only
+            # fatal lines. Its error lines there are not the user's to act on (every Ray Data
+            # actor pool logs one about constructor arguments and max_restarts, ray#53727);
+            # failures reach the user as exceptions. Read when ray.init starts the core worker.
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        runtime_env = {"env_vars": forwarded_env()}
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            log.info("connecting to Ray at %s", address)
+            ray.init(address=address, runtime_env=runtime_env, **verbosity)
+        else:
+            log.info("starting a local Ray")
+            if not loud:
+                # Ray turns token authentication on for a new local cluster and warns about it
+                # on every run: nothing to act on (-v shows it). Setting RAY_AUTH_MODE here
+                # instead would come too late: Ray reads it when it is imported.
+                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+            # Its workers inherit this process's environment: secrets need not (and must
+            # not, see SECRET_VARS) travel in the runtime_env.
+            runtime_env = {"env_vars": forwarded_env(secrets=False)}
+            # address="local": never attach to some other Ray that happens to run on this host.
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, runtime_env=runtime_env,
+                     include_dashboard=False, **verbosity)
     if "ray.data" in sys.modules:  # configured when imported: callers import it before ensure_ray
         # Ray Data's console handler prints plans, progress and sink summaries at INFO;
         # its file handler (ray-data.log in the session's logs) keeps them all.
@@ -97,36 +68,3 @@ def ensure_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> d
             if handler.get_name() == "console":
                 handler.setLevel(logging.INFO if loud else logging.WARNING)
     return ray.cluster_resources()
-
-
-def _start(*, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """ray.init: RAY_ADDRESS's cluster, or a local Ray."""
-    import ray
-
-    loud = verbose()
-    # logging_level: the driver's "ray" logger ("Started a local Ray instance" is INFO).
-    verbosity = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.WARNING}
-    if not loud:
-        # Ray's C++ core worker in this process logs to stderr; at default verbosity only
-        # fatal lines. Its error lines there are not the user's to act on (every Ray Data
-        # actor pool logs one about constructor arguments and max_restarts, ray#53727);
-        # failures reach the user as exceptions. Read when ray.init starts the core worker.
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    runtime_env = {"env_vars": forwarded_env()}
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        log.info("connecting to Ray at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, **verbosity)
-        return
-    log.info("starting a local Ray")
-    if not loud:
-        # Ray turns token authentication on for a new local cluster and warns about it
-        # on every run: nothing to act on (-v shows it). Setting RAY_AUTH_MODE here
-        # instead would come too late: Ray reads it when it is imported.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    # Its workers inherit this process's environment: secrets need not (and must
-    # not, see SECRET_VARS) travel in the runtime_env.
-    runtime_env = {"env_vars": forwarded_env(secrets=False)}
-    # address="local": never attach to some other Ray that happens to run on this host.
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, runtime_env=runtime_env,
-             include_dashboard=False, **verbosity)

@@ -71,7 +71,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from sparse_embed.infra import ray_launcher
     from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
     from sparse_embed.pipeline.embed.report import summary
 
@@ -85,11 +84,7 @@ def run(args) -> int:
         max_delete=args.max_delete, allow_mass_delete=args.allow_mass_delete, allow_empty_source=args.allow_empty_source,
     )
     check_inputs(cfg, allow_empty=args.allow_empty_source)
-    ray_launcher.start_early()  # overlaps the imports of torch and the encoder build
-    try:
-        result = run_embed(cfg)
-    finally:
-        ray_launcher.join_early()
+    result = run_embed(cfg)
     print(summary(result), end="")
     return outcome(result, cfg.max_error_rate, prog="sparse-embed embed", option="--max-error-rate")
 

@@ -181,14 +181,11 @@ def list_inventory(manifest_uri: str, source: str, table_uri: str, extensions, g
     uncommitted files of the listing table by one Ray task per data file."""
     import ray
 
-    from sparse_embed.infra.ray_launcher import ensure_ray
-
     manifest = read_manifest(manifest_uri)
     bucket = storage.strip_scheme(source).split("/", 1)[0]
     if not storage.is_s3(source) or manifest.source_bucket != bucket:
         raise ValueError(f"The inventory {manifest_uri!r} lists bucket {manifest.source_bucket!r}, not SOURCE {source!r}: "
                          f"give the inventory of SOURCE's bucket")
-    ensure_ray()  # the run starts Ray while the driver lists: this waits for it
     task = ray.remote(num_cpus=0.5)(list_data_file)  # reads and parses: half a CPU each
     parts = ray.get([task.remote(manifest, p, source, table_uri, extensions, glob) for p in manifest.data_files])
     files = [f for part in parts for f in part]

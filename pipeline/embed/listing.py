@@ -204,8 +204,6 @@ def _list_local_parallel(source: str, root: str, into: str, extensions, glob) ->
     """First-level directories over Ray tasks, files directly under `root` by the driver."""
     import ray
 
-    from sparse_embed.infra.ray_launcher import ensure_ray
-
     fs = storage.filesystem(source)
     try:
         top = fs.ls(root, detail=True)
@@ -213,7 +211,6 @@ def _list_local_parallel(source: str, root: str, into: str, extensions, glob) ->
         top = []
     files = {e["name"]: e for e in top if e.get("type") == "file"}
     dirs = sorted(e["name"] for e in top if e.get("type") == "directory")
-    ensure_ray()  # the run starts Ray while the driver lists: this waits for it
     n_tasks = max(1, min(len(dirs), int(ray.cluster_resources().get("CPU", 1))))
     task = ray.remote(num_cpus=0.25)(list_prefixes)
     here = _PartWriter(into, source, extensions, glob)

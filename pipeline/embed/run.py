@@ -339,15 +339,13 @@ def _run_embed_locked(cfg: EmbedConfig) -> dict:
     versions_before = _table_versions(root)
     with timer.stage("recover"):
         recovered = recover_pending(root, dim=enc.dim, model_version=enc.model_version)
+    with timer.stage("ray"):  # listing, diff and embed tasks
+        ensure_ray()
     with timer.stage("list", unit="objects") as progress:  # the count is known at the end only
-        # Tasks list what the driver leaves (s3_listing, inventory, parallel): they wait for
-        # Ray there, which the CLI starts meanwhile (ray_launcher.start_early)
         listed = listing.list_objects(cfg.source, extensions=cfg.extensions, glob=cfg.glob, parallel=cfg.parallel_listing,
                                       into=tables.table_uri(cfg.out, tables.LISTING), inventory=cfg.inventory)
         tables.vacuum(tables.table_uri(cfg.out, tables.LISTING), retention_hours=listing.LISTING_RETENTION_HOURS)
         progress.update(listed.num_rows)
-    with timer.stage("ray"):  # diff and embed tasks
-        ensure_ray()
     with timer.stage("diff"):
         todo = _diff_and_clear(cfg, root, enc, listed)
     log.info("run %s: %s (recovered %d rows of an interrupted run)", cfg.run_id, todo.counts, recovered)

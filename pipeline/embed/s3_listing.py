@@ -168,8 +168,6 @@ def list_bucket(source: str, table_uri: str, extensions: tuple[str, ...], glob: 
     "parts_at_start", "most_keys_in_a_task", "pages_in_driver"})."""
     import ray
 
-    from sparse_embed.infra.ray_launcher import ensure_ray
-
     parts = discover(source, sizes)
     stats = {"tasks": 0, "parts_at_start": len(parts), "most_keys_in_a_task": 0, "pages_in_driver": 0}
     files = []
@@ -179,11 +177,9 @@ def list_bucket(source: str, table_uri: str, extensions: tuple[str, ...], glob: 
         stats["pages_in_driver"] += result.pages
         files.extend(result.files)
         parts.extend(result.rest)
+    task = ray.remote(num_cpus=1 / TASKS_PER_CPU)(list_range)
+    in_flight = max(1, int(ray.cluster_resources().get("CPU", 1)) * TASKS_PER_CPU)
     pending = []
-    if parts:
-        ensure_ray()  # the run starts Ray while the driver lists: this waits for it
-        task = ray.remote(num_cpus=1 / TASKS_PER_CPU)(list_range)
-        in_flight = max(1, int(ray.cluster_resources().get("CPU", 1)) * TASKS_PER_CPU)
     while parts or pending:
         while parts and len(pending) < in_flight:
             pending.append(task.remote(source, parts.pop(), table_uri, extensions, glob, sizes))

@@ -290,37 +290,3 @@ def test_third_party_info_only_with_v(verbose, restore_log_levels, monkeypatch):
     ray_launcher.ensure_ray()
     assert seen["log_to_driver"] == verbose
     assert seen["logging_level"] == (logging.INFO if verbose else logging.WARNING)
-
-
-def test_ray_started_early_in_a_thread_outlives_that_thread(tmp_path):
-    """start_early (the CLI's overlap of Ray's start with the imports) in a fresh process:
-    Ray still answers several seconds after its start, when a finished starting thread
-    would have taken Ray's processes with it (their parent-death signal follows the
-    thread), and SIGTERM still exits through Ray's shutdown (exit code 15)."""
-    import signal
-    import subprocess
-    import textwrap
-
-    script = tmp_path / "early.py"
-    script.write_text(textwrap.dedent("""
-        import sys, time
-        from sparse_embed.infra import ray_launcher
-        ray_launcher.start_early()
-        ray_launcher.ensure_ray(num_cpus=1)
-        import ray
-        time.sleep(5)
-        print("answer", ray.get(ray.remote(lambda: 41 + 1).remote()), flush=True)
-        time.sleep(300)
-    """))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    try:
-        line = proc.stdout.readline()
-        assert line.strip() == "answer 42", (line, proc.stderr.read() if proc.poll() is not None else "")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 15
-        assert "SIGTERM handler is not set" not in proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()

@@ -176,6 +176,21 @@ class IdMapSet:
                     todo[i] = False
         return out
 
+    def id_of_uri(self, uri: str) -> int | None:
+        """The live id whose uri is `uri`, or None: a scan of the runs' uri columns (memory-
+        mapped, O(rows)), newest run first; a hit counts only if lookup (later runs, the
+        deleted ids) still gives it that uri."""
+        import numpy as np
+        import pyarrow.compute as pc
+
+        for run in reversed(self.runs):
+            for batch in run.batches():
+                hits = np.flatnonzero(pc.equal(batch.column("uri"), uri).to_numpy(zero_copy_only=False))
+                for image_id in batch.column("image_id").to_numpy()[hits].tolist():
+                    if self.lookup([image_id])[0] == uri:
+                        return int(image_id)
+        return None
+
     def contains_live(self, ids):
         """A bool array: whether each id of `ids` is a live row of the index (in a delta run,
         or in a base run and not deleted). Binary searches, O(len(ids) log n)."""

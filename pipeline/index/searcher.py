@@ -268,10 +268,23 @@ class ShardedIndex:
         return [[SearchHit(r + 1, int(i), float(s), u) for r, (i, s, u) in enumerate(zip(row_i, row_s, row_u)) if i >= 0]
                 for row_i, row_s, row_u in zip(ids, scores, per_row)]
 
+    def image_id_of_uri(self, uri: str) -> int | None:
+        """The id of an indexed URI, from the index's own id map (no table is read)."""
+        return self.id_maps.id_of_uri(uri)
+
     def vectors_for_ids(self, image_ids: list[int]):
-        """The table rows the index was built from, for `image_ids`: (vectors (n, D) in the
-        order asked, uris). Raises ValueError naming ids the table version lacks."""
-        return vectors_for_ids(self.manifest["table"], self.manifest.get("table_version"), image_ids)
+        """The vectors the index was built from, for `image_ids`: (vectors (n, D) in the order
+        asked, uris). Read from the table's current version (file statistics prune on
+        image_id): a row whose etag is the one the index holds has the vector the index was
+        built from, so serving never needs the indexed version's files, which a vacuum may
+        have removed. Rows changed or deleted since are read at the indexed version while it
+        is readable. Raises ValueError naming ids neither has."""
+        wanted = [int(i) for i in image_ids]
+        version = self.manifest.get("table_version")
+        etags = self.id_maps.lookup(wanted, "etag")
+        if version is None or any(e is None for e in etags):  # a table without etags: its indexed version only
+            return vectors_for_ids(self.manifest["table"], version, wanted)
+        return _vectors_by_etag(self.manifest["table"], version, wanted, etags, self.manifest["index_id"])
 
 
 def _selector_params(shard, selector):
@@ -289,6 +302,35 @@ def _selector_params(shard, selector):
     if isinstance(shard, faiss.IndexPreTransform):
         return faiss.SearchParametersPreTransform(index_params=params)
     return params
+
+
+def _vectors_by_etag(table_uri: str, version: int, wanted: list[int], etags: list[str], index_id: str):
+    """ShardedIndex.vectors_for_ids for an index that holds each id's etag."""
+    import numpy as np
+
+    from sparse_embed.pipeline.store import live
+    from sparse_embed.pipeline.index.snapshot import vectors_of
+
+    t = live.read_live(table_uri, ["image_id", "etag", "embedding", "uri"], where={"image_id": wanted})
+    found = {i: r for r, (i, e) in enumerate(zip(t.column("image_id").to_pylist(), t.column("etag").to_pylist()))}
+    expect = dict(zip(wanted, etags))
+    found = {i: r for i, r in found.items() if expect.get(i) == t.column("etag")[r].as_py()}
+    stale = sorted(set(wanted) - set(found))
+    old = None
+    if stale:
+        try:
+            old_vectors, old_uris = vectors_for_ids(table_uri, version, stale)
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the indexed version's files are gone (vacuumed)
+            raise ValueError(f"image_ids {stale[:10]} changed or deleted since index {index_id} was built from "
+                             f"{table_uri} v{version}, whose files are vacuumed ({type(e).__name__}): search the "
+                             f"current index") from None
+        old = {i: (old_vectors[k], old_uris[k]) for k, i in enumerate(stale)}
+    current = vectors_of(t.column("embedding")) if t.num_rows else None
+    vectors = np.stack([current[found[i]] if i in found else old[i][0] for i in wanted]).astype("float32")
+    uris = [t.column("uri")[found[i]].as_py() if i in found else old[i][1] for i in wanted]
+    return vectors, uris
 
 
 def vectors_for_ids(table_uri: str, version: int | None, image_ids: list[int]):

@@ -8,17 +8,9 @@ import time
 from .requests import RequestError, SearchQuery
 
 
-def image_id_of_uri(manifest: dict, uri: str) -> int | None:
-    """The image_id of `uri` in the table version the index was built from (None if absent)."""
-
-    from sparse_embed.pipeline.store import live, tables
-
-    dt = tables.open_table(manifest["table"], manifest.get("table_version"))
-    if dt is None or "uri" not in [f.name for f in dt.schema().fields]:
-        return None
-    t = live.read_live(manifest["table"], ["image_id"], version=dt.version(), where={"uri": [uri]})
-    ids = t.column("image_id").to_pylist()
-    return int(ids[0]) if ids else None
+def image_id_of_uri(index, uri: str) -> int | None:
+    """The image_id of `uri` among the index's rows (None if absent), from its id map."""
+    return index.image_id_of_uri(uri)
 
 
 def _query_vector(loaded, query: SearchQuery, encoders):
@@ -28,7 +20,7 @@ def _query_vector(loaded, query: SearchQuery, encoders):
         return encoders.for_manifest(loaded.manifest).embed(query.upload), {"kind": "upload", "bytes": len(query.upload)}
     image_id = query.image_id
     if image_id is None:
-        image_id = image_id_of_uri(loaded.manifest, query.uri)
+        image_id = image_id_of_uri(index, query.uri)
         if image_id is None or index.uri_of(image_id) != query.uri:
             raise RequestError(404, f"The uri {query.uri!r} is not in index {loaded.index_id}: search by an indexed "
                                     f"object's URI, an image_id, or upload the image")

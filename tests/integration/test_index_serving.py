@@ -16,7 +16,7 @@ from sparse_embed.pipeline.serve.live_index import LiveIndex
 from sparse_embed.pipeline.index.update import UpdateConfig, update_index
 from sparse_embed.pipeline.store import live, storage, tables
 
-from helpers import unit_vectors, write_table
+from helpers import remove_ids, unit_vectors, write_table
 
 
 @pytest.fixture
@@ -134,3 +134,30 @@ def test_a_long_lived_searcher_picks_up_a_new_current(ray_local, bucket, cache, 
         assert current().manifest["index_id"] == rebuilds[-1]["index_id"]
     assert cached() == {r["index_id"] for r in rebuilds}, "the first build and the update are no longer served"
     assert held.search_vectors(new_row, 1)[0][0][0] != 900, "an index still held keeps reading its mapped files"
+
+
+@pytest.mark.integration
+def test_search_by_id_and_uri_survive_a_vacuum_of_the_indexed_table_version(ray_local, bucket, cache):
+    """An index of table v1; then rows changed and deleted (copy-on-write rewrites) and the
+    table vacuumed with no retention, so v1 can no longer be read. The index still finds an
+    unchanged row's vector (it is read from the current table, where its etag is the one
+    the index holds) and any indexed URI's id; a row changed since is refused in words."""
+    d = 16
+    table, root = f"{bucket}/emb/embeddings", f"{bucket}/emb/index"
+    vectors = unit_vectors(300, d, seed=41)
+    write_table(table, vectors, np.arange(300, dtype="int64"), files=3)
+    build_index(BuildConfig(table, root, shards=1))
+    index = ShardedIndex.open(root)
+    remove_ids(table, [5, 150, 299], tag="night-1")  # one row from each file: all three rewritten
+    write_table(table, unit_vectors(1, d, seed=42), np.array([150], dtype="int64"), files=1, etag="e2")  # changed
+    assert tables.vacuum(table, retention_hours=0) >= 3
+    with pytest.raises(Exception):
+        live.read_live(table, ["image_id"], version=index.manifest["table_version"])  # the indexed version is gone
+
+    got, uris = index.vectors_for_ids([7, 298])
+    np.testing.assert_allclose(got, vectors[[7, 298]], atol=1e-6)
+    assert uris == ["s3://b/img_7.jpg", "s3://b/img_298.jpg"]
+    assert index.image_id_of_uri("s3://b/img_298.jpg") == 298 and index.image_id_of_uri("s3://b/nope.jpg") is None
+    assert index.hits(got[:1], 1)[0][0].image_id == 7
+    with pytest.raises(ValueError, match=r"changed or deleted since .* vacuumed"):
+        index.vectors_for_ids([150])

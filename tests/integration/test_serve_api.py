@@ -225,10 +225,10 @@ def test_a_request_that_took_the_old_index_answers_from_it_across_a_swap(indexed
     entered, go = threading.Event(), threading.Event()
     real_lookup = search_mod.image_id_of_uri
 
-    def held_lookup(manifest, u):
+    def held_lookup(index, u):
         entered.set()
         assert go.wait(120), "the test never released the held request"
-        return real_lookup(manifest, u)
+        return real_lookup(index, u)
 
     monkeypatch.setattr(search_mod, "image_id_of_uri", held_lookup)
     with BackgroundServer(build_app(live)) as srv:

@@ -230,21 +230,12 @@ def _diff_from_log(snap: TableSnapshot, parent_version: int | None, current):
         return None
     keys = ["image_id", "etag"]
     old_by, new_by = {f.path: f for f in old.files}, {f.path: f for f in snap.files}
-    gone, came, came_files = [], [], []
-    for path, f in old_by.items():
-        g = new_by.get(path)
-        if g is None:
-            gone.append(live.read_file(snap.uri, f, keys))
-        elif (g.dv or {}) != (f.dv or {}):
-            newly = np.setdiff1d(live.deleted_positions(snap.uri, g.dv), live.deleted_positions(snap.uri, f.dv))
-            t = live.read_file(snap.uri, live.DataFile(path, f.size, f.rows), keys, positions=True)
-            gone.append(t.filter(pc.is_in(t.column("_row"), value_set=pa.array(newly, pa.int64()))).select(keys))
-    for path, g in new_by.items():
-        if path not in old_by:
-            t = live.read_file(snap.uri, g, keys)
-            if t.num_rows:
-                came.append(t)
-                came_files.append(g)
+    try:
+        gone, came, came_files = _changed_files(snap, old_by, new_by, keys)
+    except OSError as e:  # FileNotFoundError included: a vacuum removed files the parent version named
+        log.info("index update: files of table v%d are gone (%s: %s): diffing the whole table", parent_version,
+                 type(e).__name__, str(e)[:200])
+        return None
     if any("etag" not in t.column_names for t in gone + came):
         return None  # no etags: a change cannot be told from a copy-on-write rewrite's kept row
     empty = pa.table({"image_id": pa.array([], pa.int64()), "etag": pa.array([], pa.string())})
@@ -269,6 +260,33 @@ def _diff_from_log(snap: TableSnapshot, parent_version: int | None, current):
             parts.append(t)
     add_t = pa.concat_tables(parts) if parts else None
     return removed, added, add_t, {"read_from": "log", "files_read": len(gone) + len(came_files)}
+
+
+def _changed_files(snap, old_by: dict, new_by: dict, keys: list[str]):
+    """_diff_from_log's reads: the rows the parent's files lost, and the rows of the files
+    it lacked (with those files). Raises OSError when a file is gone."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from sparse_embed.pipeline.store import live
+
+    gone, came, came_files = [], [], []
+    for path, f in old_by.items():
+        g = new_by.get(path)
+        if g is None:
+            gone.append(live.read_file(snap.uri, f, keys))
+        elif (g.dv or {}) != (f.dv or {}):
+            newly = np.setdiff1d(live.deleted_positions(snap.uri, g.dv), live.deleted_positions(snap.uri, f.dv))
+            t = live.read_file(snap.uri, live.DataFile(path, f.size, f.rows), keys, positions=True)
+            gone.append(t.filter(pc.is_in(t.column("_row"), value_set=pa.array(newly, pa.int64()))).select(keys))
+    for path, g in new_by.items():
+        if path not in old_by:
+            t = live.read_file(snap.uri, g, keys)
+            if t.num_rows:
+                came.append(t)
+                came_files.append(g)
+    return gone, came, came_files
 
 
 def _keys(t):

@@ -141,7 +141,9 @@ def test_search_by_id_and_uri_survive_a_vacuum_of_the_indexed_table_version(ray_
     """An index of table v1; then rows changed and deleted (copy-on-write rewrites) and the
     table vacuumed with no retention, so v1 can no longer be read. The index still finds an
     unchanged row's vector (it is read from the current table, where its etag is the one
-    the index holds) and any indexed URI's id; a row changed since is refused in words."""
+    the index holds) and any indexed URI's id; a row changed since is refused in words. The
+    index update, which reads the files that differ between the versions, falls back to
+    diffing the whole table, and the manifest says so."""
     d = 16
     table, root = f"{bucket}/emb/embeddings", f"{bucket}/emb/index"
     vectors = unit_vectors(300, d, seed=41)
@@ -161,3 +163,11 @@ def test_search_by_id_and_uri_survive_a_vacuum_of_the_indexed_table_version(ray_
     assert index.hits(got[:1], 1)[0][0].image_id == 7
     with pytest.raises(ValueError, match=r"changed or deleted since .* vacuumed"):
         index.vectors_for_ids([150])
+
+    # The update cannot read the removed files the log names: it diffs the whole table instead.
+    updated = update_index(UpdateConfig(table, root))
+    assert updated["update"]["added_rows"]["read_from"] != "log", updated["update"]
+    assert (updated["update"]["removed"], updated["update"]["added"]) == (3, 1)
+    now = ShardedIndex.open(root)
+    assert now.ntotal == live.read_live(table, ["image_id"]).num_rows == 298
+    np.testing.assert_allclose(now.vectors_for_ids([150])[0], unit_vectors(1, d, seed=42), atol=1e-6)

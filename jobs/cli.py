@@ -23,6 +23,7 @@ COMMANDS = {
     "nightly": ("nightly", "scheduled run: lock OUT, embed what changed, update the index, report; safe to kill and rerun"),
     "runs": ("runs", "run history: `runs list --out OUT`"),
     "compact": ("compact", "rewrite the embeddings table's files without the rows their deletion vectors mark (runs do it per file at 20 percent deleted)"),
+    "vacuum": ("vacuum", "remove the table files and index versions no reader needs after --retain-hours (default a week)"),
     "enable-deletion-vectors": ("enable_deletion_vectors", "switch OUT's embeddings table from copy-on-write to Delta deletion vectors (cannot be undone)"),
     "demo": ("demo", "start a local object store, fill it with generated images, run every flow"),
     "bench": ("bench", "benchmarks: bench encoders | pipeline | index | incremental | serve (results in BENCHMARKS.md)"),

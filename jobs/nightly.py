@@ -52,4 +52,19 @@ def run(args) -> int:
     # run_embed holds the output lock: LockHeld / LockLost become exit 3 in the CLI.
     result = run_embed(embed_cfg)
     print(summary(result), end="")
+    if cfg.retain_hours is not None:
+        _vacuum(cfg, result["run_id"], wait_s=args.wait)
     return outcome(result, cfg.max_error_rate, prog="sparse-embed nightly", option="max_error_rate")
+
+
+def _vacuum(cfg, run_id: str, *, wait_s: float) -> None:
+    """The nightly's last step: `vacuum --retain-hours cfg.retain_hours`, under the lock."""
+    from sparse_embed.pipeline.store.lock import output_lock
+    from sparse_embed.pipeline.store.vacuum import vacuum_output
+
+    with output_lock(cfg.out, owner=f"{run_id}-vacuum", ttl_s=cfg.lock_ttl_s, wait_s=wait_s):
+        report = vacuum_output(cfg.out, retain_hours=cfg.retain_hours)
+    files = sum(t["files"] for t in report["tables"].values())
+    size = sum(t["bytes"] for t in report["tables"].values()) + report["index"]["bytes"]
+    print(f"vacuum (retain {cfg.retain_hours:g} h): {files} table files and {len(report['index']['removed'])} index "
+          f"versions removed, {size:,} bytes")

@@ -40,6 +40,7 @@ max_delete: 10%                   # stop, changing nothing, when more listed obj
 allow_mass_delete: false          # true: remove the rows of vanished objects whatever their number
 deletion_vectors: false           # true: a new table removes rows with Delta deletion vectors (not copy-on-write)
 inventory: null                   # s3://.../manifest.json of an S3 Inventory report (CSV or Parquet) to use as the listing
+retain_hours: 168                 # then vacuum: remove table files and index versions no reader needs after this; null: no vacuum
 """
 
 
@@ -75,6 +76,7 @@ class NightlyConfig:
     allow_mass_delete: bool = False  # as `embed --allow-mass-delete`
     inventory: str | None = None  # an S3 Inventory manifest.json read as the listing instead of listing the source
     deletion_vectors: bool = False  # as `embed --deletion-vectors`
+    retain_hours: float | None = 168.0  # as `vacuum --retain-hours`, after the run; None: no vacuum
 
 
 _TYPES = {f.name: f.type for f in dataclasses.fields(NightlyConfig)}
@@ -153,6 +155,10 @@ def parse(doc) -> NightlyConfig:
     if "actor_wait_s" in doc:
         v = doc["actor_wait_s"]
         _check("actor_wait_s", v, "a number of seconds >= 0", isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)
+    if doc.get("retain_hours") is not None:
+        v = doc["retain_hours"]
+        _check("retain_hours", v, "a number of hours >= 0 or null",
+               isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)
     if "lock_ttl_s" in doc:
         v = doc["lock_ttl_s"]
         _check("lock_ttl_s", v, "a number of seconds > 0", isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)

@@ -30,6 +30,7 @@ BASE = {"source": "s3://b/images/", "out": "s3://b/emb", "model": "resnet10t"}
     ({"compile": "yes"}, "'compile': expected true or false"),
     ({"rows_per_file": 0}, "'rows_per_file': expected an integer >= 1"),
     ({"lock_ttl_s": -1}, "'lock_ttl_s'"),
+    ({"retain_hours": -1}, "'retain_hours': expected a number of hours >= 0 or null"),
     ({"model": None}, "required field(s) ['model']"),
 ])
 def test_every_wrong_field_is_named(change, needle):
@@ -122,7 +123,9 @@ def test_nightly_end_to_end_exit_codes(object_store, ray_local, tmp_path, capsys
     cfg.write_text(yaml.safe_dump({"source": source, "out": out, "model": "resnet10t", "max_error_rate": 0.5,
                                    "index_shards": 1}))
     assert main(["nightly", "--config", str(cfg)]) == 0
-    assert "embedded 6, failed 1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "embedded 6, failed 1" in printed
+    assert "vacuum (retain 168 h): 0 table files and 0 index versions removed" in printed, printed  # nothing old yet
 
     assert main(["nightly", "--config", str(cfg)]) == 0  # only the broken object is retried
     printed = capsys.readouterr().out

@@ -53,7 +53,7 @@ def run(args) -> int:
     result = run_embed(embed_cfg)
     print(summary(result), end="")
     if cfg.retain_hours is not None:
-        _vacuum(cfg, result["run_id"], wait_s=args.wait)
+        _vacuum(cfg, embed_cfg.run_id, wait_s=args.wait)
     return outcome(result, cfg.max_error_rate, prog="sparse-embed nightly", option="max_error_rate")
 
 

@@ -18,6 +18,7 @@ are gone diffs the whole table (pipeline/index/update.py).
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from sparse_embed.pipeline.store import storage, tables
@@ -36,29 +37,31 @@ def vacuum_output(out: str, *, retain_hours: float = DEFAULT_RETAIN_HOURS, now: 
     if retain_hours < 0:
         raise ValueError(f"Expected --retain-hours >= 0, got {retain_hours!r}")
     report = {"retain_hours": retain_hours, "tables": {}, "index": {"removed": [], "bytes": 0, "kept": []}}
+    now = time.time() if now is None else now
     for name in TABLES:
-        report["tables"][name] = _vacuum_table(tables.table_uri(out, name), retain_hours)
-    report["index"] = _vacuum_index_versions(storage.join(out, "index"), retain_hours,
-                                             time.time() if now is None else now)
+        report["tables"][name] = _vacuum_table(tables.table_uri(out, name), retain_hours, now)
+    report["index"] = _vacuum_index_versions(storage.join(out, "index"), retain_hours, now)
     return report
 
 
-def _vacuum_table(uri: str, retain_hours: float) -> dict:
+def _vacuum_table(uri: str, retain_hours: float, now: float) -> dict:
     dt = tables.open_table(uri)
     if dt is None:
         return {"files": 0, "bytes": 0}
-    kw = {"retention_hours": int(retain_hours), "enforce_retention_duration": False, "full": False}
+    # deltalake takes whole hours: rounded up, so a fractional retention never keeps less
+    kw = {"retention_hours": math.ceil(retain_hours), "enforce_retention_duration": False, "full": False}
     doomed = dt.vacuum(dry_run=True, **kw)
     fs = storage.filesystem(uri)
     size = 0
     for p in doomed:
+        path = p if "://" in p or p.startswith("/") else storage.join(uri, p)  # relative to the table, or absolute
         try:
-            size += fs.size(storage.strip_scheme(storage.join(uri, p) if "://" not in p and not p.startswith("/") else p))
+            size += fs.size(storage.strip_scheme(path))
         except FileNotFoundError:
             pass
     check_before_commit(uri)
     removed = dt.vacuum(dry_run=False, **kw)
-    dv_files, dv_bytes = _vacuum_deletion_vectors(uri, dt, retain_hours, time.time())
+    dv_files, dv_bytes = _vacuum_deletion_vectors(uri, dt, retain_hours, now)
     removed, size = removed + dv_files, size + dv_bytes
     dt = tables.open_table(uri)
     dt.create_checkpoint()

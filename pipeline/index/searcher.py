@@ -312,15 +312,15 @@ def _vectors_by_etag(table_uri: str, version: int, wanted: list[int], etags: lis
     from sparse_embed.pipeline.index.snapshot import vectors_of
 
     t = live.read_live(table_uri, ["image_id", "etag", "embedding", "uri"], where={"image_id": wanted})
-    found = {i: r for r, (i, e) in enumerate(zip(t.column("image_id").to_pylist(), t.column("etag").to_pylist()))}
     expect = dict(zip(wanted, etags))
-    found = {i: r for i, r in found.items() if expect.get(i) == t.column("etag")[r].as_py()}
+    found = {i: r for r, (i, e) in enumerate(zip(t.column("image_id").to_pylist(), t.column("etag").to_pylist()))
+             if expect.get(i) == e}  # the row the index was built from: same etag, same vector
     stale = sorted(set(wanted) - set(found))
     old = None
     if stale:
         try:
             old_vectors, old_uris = vectors_for_ids(table_uri, version, stale)
-        except ValueError:
+        except ValueError:  # ids the indexed version lacks: the caller's 404, as before
             raise
         except Exception as e:  # noqa: BLE001 - the indexed version's files are gone (vacuumed)
             raise ValueError(f"image_ids {stale[:10]} changed or deleted since index {index_id} was built from "

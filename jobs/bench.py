@@ -21,6 +21,7 @@ SUITES = {
     "incremental": ("incremental", "a nightly run with one percent changed against a full run, in one run"),
     "fidelity": ("fidelity", "bf16 against fp32 per encoder family: embedding cosine, routing/top-k agreement"),
     "scale": ("scale", "metadata stages (inventory listing, diff, ids, commits) of a first run and a one percent nightly at 1e6/1e7 objects"),
+    "storage": ("storage", "bytes stored over simulated nights with and without vacuum; table open time at 1,000 versions with and without a checkpoint"),
     "serve": ("serve", "p50/p99 latency of the search server's POST /api/search by image_id and by upload"),
 }
 

@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from sparse_embed.pipeline.embed import listing, report
 from sparse_embed.pipeline.store import storage, tables
 from sparse_embed.pipeline.store.lock import check_before_commit
+from sparse_embed.pipeline.store.vacuum import vacuum_table
 from sparse_embed.pipeline.embed.deletion_guard import DEFAULT_LIMIT, DeleteLimit
 from sparse_embed.pipeline.embed.timing import StageTimer
 
@@ -344,7 +345,7 @@ def _run_embed_locked(cfg: EmbedConfig) -> dict:
     with timer.stage("list", unit="objects") as progress:  # the count is known at the end only
         listed = listing.list_objects(cfg.source, extensions=cfg.extensions, glob=cfg.glob, parallel=cfg.parallel_listing,
                                       into=tables.table_uri(cfg.out, tables.LISTING), inventory=cfg.inventory)
-        tables.vacuum(tables.table_uri(cfg.out, tables.LISTING), retention_hours=listing.LISTING_RETENTION_HOURS)
+        vacuum_table(tables.table_uri(cfg.out, tables.LISTING), cutoff=time.time() - listing.LISTING_RETENTION_HOURS * 3600)
         progress.update(listed.num_rows)
     with timer.stage("diff"):
         todo = _diff_and_clear(cfg, root, enc, listed)

@@ -78,7 +78,7 @@ def table_files(uri: str, version: int | None = None, *, dt=None) -> TableFiles 
     root = storage.strip_scheme(uri).rstrip("/")
     rows = actions.to_pylist()
     uses_dvs = delta_log.uses_deletion_vectors(dt)
-    rel = [_relative(r["path"], root) for r in rows]
+    rel = [relative_to_table(r["path"], root) for r in rows]
     dvs = delta_log.deletion_vectors(uri, dt.version(), rel) if uses_dvs else {}
     files = []
     for r, p in zip(rows, rel):
@@ -93,7 +93,9 @@ def table_files(uri: str, version: int | None = None, *, dt=None) -> TableFiles 
     return TableFiles(uri, dt.version(), files, uses_dvs)
 
 
-def _relative(path: str, root: str) -> str:
+def relative_to_table(path: str, root: str) -> str:
+    """An add action's path (URL-encoded, relative or absolute) relative to the table
+    folder `root` (without scheme), decoded."""
     from urllib.parse import unquote
 
     path = unquote(path)
@@ -177,7 +179,7 @@ def file_batches(table_uri: str, f: DataFile, columns, *, batch_size: int):
 
 def file_at(table_uri: str, path: str, dv: dict | None = None) -> DataFile:
     """A DataFile for `path` (without scheme, absolute or relative to the table)."""
-    return DataFile(_relative(path, storage.strip_scheme(table_uri).rstrip("/")), 0, 0, dv)
+    return DataFile(relative_to_table(path, storage.strip_scheme(table_uri).rstrip("/")), 0, 0, dv)
 
 
 def _may_hold(f: DataFile, where: dict | None) -> bool:

@@ -224,7 +224,7 @@ def convert_tombstones(table_uri: str, *, tag: str, out: str | None = None, owne
         return None
     actions = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
     root = storage.strip_scheme(table_uri).rstrip("/")
-    tombs = [(live._relative(a["path"], root), a["size_bytes"]) for a in actions if live.is_tombstone_file(a["path"])]
+    tombs = [(live.relative_to_table(a["path"], root), a["size_bytes"]) for a in actions if live.is_tombstone_file(a["path"])]
     if not tombs:
         return None
     fs, _ = storage.arrow_filesystem(table_uri)

@@ -284,14 +284,3 @@ def appended_files(uri: str, since: int, until: int) -> list[str] | None:
             return None
         paths += [f"{root}/{unquote(a['add']['path'])}" for a in actions if "add" in a]
     return paths
-
-
-def vacuum(uri: str, *, retention_hours: int) -> int:
-    """Delete the files of the table at `uri` that no version younger than retention_hours
-    needs: files replaced or deleted since, and files a crashed writer never committed.
-    Returns how many were deleted."""
-    dt = open_table(uri)
-    if dt is None:
-        return 0
-    check_before_commit(uri)
-    return len(dt.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False, full=True))

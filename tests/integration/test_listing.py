@@ -3,11 +3,14 @@
 listing table, committed in one overwrite."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from sparse_embed.pipeline.store import storage, tables
 from sparse_embed.pipeline.embed import s3_listing
 from sparse_embed.pipeline.embed.listing import DEFAULT_EXTENSIONS, list_objects, list_prefixes, listing_schema, matches
+from sparse_embed.pipeline.store.vacuum import vacuum_table
 
 pytestmark = pytest.mark.integration
 
@@ -140,8 +143,8 @@ def test_vacuum_keeps_only_the_files_the_current_listing_needs(tmp_path):
     tables.overwrite(uri, rows(5), listing_schema())
     tables.overwrite(uri, rows(3), listing_schema())
     tables.write_parquet_file(uri, "part-of-a-crashed-listing.parquet", rows(4))
-    assert tables.vacuum(uri, retention_hours=24) == 0, "younger than the retention: kept"
-    assert tables.vacuum(uri, retention_hours=0) == 2
+    assert vacuum_table(uri, cutoff=time.time() - 24 * 3600)["files"] == 0, "younger than the retention: kept"
+    assert vacuum_table(uri, cutoff=time.time())["files"] == 2
     on_disk = {f for f in os.listdir(uri) if f.endswith(".parquet")}
     assert on_disk == {p.rsplit("/", 1)[-1] for p in tables.open_table(uri).file_uris()}
     assert tables.read_columns(uri, ["uri"]).num_rows == 3

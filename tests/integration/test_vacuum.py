@@ -4,6 +4,8 @@ what no reader needs, every reader still sees the live rows, a server that holds
 previous index keeps answering by id and by URI, and the next night updates the index."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from helpers import SPEC
@@ -96,3 +98,86 @@ def test_vacuum_bounds_storage_and_every_reader_and_server_keeps_working(ray_loc
     assert report["counts"]["deleted"] == 1 and report["index_id"]
     assert ShardedIndex.open(f"{out}/index").ntotal == len(uris) - 3
     assert main(["vacuum", "--out", out]) == 0  # the default week: the newest files are kept
+
+
+NIGHTS = 40
+OUTSIDE_TABLES_BYTES = 64 * 1024  # encoder specs, index/CURRENT and the lock object: a few KiB in all
+
+
+def _output_bytes(out: str) -> tuple[int, int]:
+    """(bytes stored under `out` outside the Delta logs and run reports, bytes the live
+    versions need: every table's live files and vectors and CURRENT's index versions)."""
+    from sparse_embed.pipeline.store.vacuum import TABLES
+
+    fs = storage.filesystem(out)
+    fs.invalidate_cache()
+    root = storage.strip_scheme(out)
+    files = fs.find(root, detail=True)
+    stored = sum(int(f["size"]) for p, f in files.items()
+                 if f.get("type") == "file" and "/_delta_log/" not in p and not p[len(root):].startswith("/runs/"))
+    needed = sum(_live_bytes(tables.table_uri(out, name)) for name in TABLES)
+    for version in referenced_ids(current_manifest(f"{out}/index")):
+        needed += sum(int(f["size"]) for p, f in files.items() if p.startswith(f"{root}/index/{version}/"))
+    return stored, needed
+
+
+@pytest.mark.slow  # about 15 s a night on 2 cores: ./dev test -m slow tests/integration/test_vacuum.py
+def test_forty_nights_with_compactions_and_vacuum_stay_bounded_and_keep_serving(ray_local, bucket, capsys, tmp_path):
+    """40 nightlies (one object changed, one deleted, one added each night; deletion vectors,
+    files of 4 rows, so compactions come every few nights), each followed by its vacuum
+    with no retention: after every night the bytes stored outside the logs are the live
+    bytes plus a small constant, every table opens from a checkpoint at its latest version,
+    the index is at the table's version, search by id and by URI answer on the new index
+    and on the server's index of the night before."""
+    import numpy as np
+    import yaml
+
+    from sparse_embed.infra.synthetic_images import generate
+
+    source, _ = fill(bucket, 6, seed=52)
+    out = f"{bucket}/emb"
+    emb = f"{out}/embeddings"
+    config = tmp_path / "nightly.yaml"
+    config.write_text(yaml.safe_dump({"source": source, "out": out, "model": SPEC["model"], "rows_per_file": 4,
+                                      "index_shards": 1, "deletion_vectors": True, "retain_hours": 0, "max_delete": 1}))
+    fresh = generate(2 * NIGHTS, seed=53, variants=(), min_side=32, max_side=64)
+    fs = storage.filesystem(source)
+    rng = np.random.default_rng(52)
+    held, touched, sizes = None, set(), []
+    for night in range(NIGHTS):
+        if night:
+            keys = sorted(p[len(storage.strip_scheme(source)):] for p in fs.find(storage.strip_scheme(source)))
+            changed, gone = (keys[i] for i in rng.choice(len(keys), 2, replace=False))
+            added = f"n{night}/{fresh[2 * night + 1].key}"
+            storage.put_many(source, {changed: fresh[2 * night].data, added: fresh[2 * night + 1].data})
+            fs.rm_file(storage.strip_scheme(source + gone))
+            touched = {source + k for k in (changed, gone, added)}
+        assert main(["nightly", "--config", str(config)]) == 0, night
+        said = capsys.readouterr().out
+        assert "vacuum (retain 0 h)" in said, said
+
+        stored, needed = _output_bytes(out)
+        sizes.append(stored)
+        assert needed <= stored <= needed + OUTSIDE_TABLES_BYTES, (night, stored, needed)
+        for name in ("embeddings", "errors", "image_ids", "listing"):
+            uri = tables.table_uri(out, name)
+            last = storage.read_bytes(f"{uri}/_delta_log/_last_checkpoint")
+            assert json.loads(last)["version"] == tables.version_of(uri), (night, name)
+        rows = live.read_live(emb, ["image_id", "uri"])
+        ids = dict(zip(rows.column("uri").to_pylist(), rows.column("image_id").to_pylist()))
+        index = ShardedIndex.open(f"{out}/index")
+        assert index.manifest["table_version"] == tables.version_of(emb) and index.ntotal == len(ids) == 12, night
+        for searcher in [index] + ([held] if held is not None else []):
+            uri = sorted(set(ids) - touched)[int(rng.integers(len(set(ids) - touched)))]
+            assert searcher.image_id_of_uri(uri) == ids[uri], (night, uri)
+            vectors, found = searcher.vectors_for_ids([ids[uri]])
+            assert found == [uri] and searcher.hits(vectors, 1)[0][0].image_id == ids[uri], (night, uri)
+        held = index
+    compactions = [h for h in tables.open_table(emb).history() if h.get("operation") == "OPTIMIZE"]
+    assert len(compactions) >= 3, "the nights compacted the table several times"
+    print(f"stored bytes after nights 1, 10, 20, 30, 40: {[sizes[i] for i in (0, 9, 19, 29, 39)]}")
+    rows = live.read_live(emb, ["image_id", "uri", "etag"])
+    copy = tmp_path / "embeddings"
+    storage.filesystem(emb).get(storage.strip_scheme(emb) + "/", str(copy) + "/", recursive=True)
+    assert_live_rows(str(copy), list(zip(*(rows.column(c).to_pylist() for c in ("image_id", "uri", "etag")))),
+                     deletion_vectors=True)

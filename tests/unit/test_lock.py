@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +14,7 @@ import pytest
 from sparse_embed.pipeline.store import live, lock as lock_mod
 from sparse_embed.pipeline.store import tables
 from sparse_embed.pipeline.store.lock import LockHeld, LockLost, OutputLock, check_before_commit, output_lock
+from sparse_embed.pipeline.store.vacuum import vacuum_table
 
 
 def test_a_second_writer_is_told_who_holds_the_lock(tmp_path):
@@ -113,7 +115,7 @@ def test_a_run_that_lost_its_lock_removes_and_overwrites_nothing(tmp_path):
         assert other._replace(other._body(info.acquired_at), etag)
         assert held.beat() is False
         for step in (lambda: remove_work(out), lambda: write_encoder_spec(out, enc),
-                     lambda: tables.vacuum(uri, retention_hours=0)):
+                     lambda: vacuum_table(uri, cutoff=time.time())):
             with pytest.raises(LockLost, match="taken over by another run"):
                 step()
         other.release()

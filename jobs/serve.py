@@ -10,13 +10,25 @@ from .options import non_negative_float, positive_float, positive_int
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", required=True, help="index root URI (holds CURRENT), e.g. s3://bucket/emb/index")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only; the page has no login, so "
-                        "another address lets anyone who reaches it browse the index)")
+                   help="address to listen on (default 127.0.0.1: this machine only); any other address needs "
+                        "--token-file")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a name clients use to reach the server (the Host header must be one of them, or the --host "
+                        "name, or 127.0.0.1/localhost on loopback); repeatable; needed with --host 0.0.0.0")
+    p.add_argument("--token-file", default=None, metavar="PATH",
+                   help="a file holding a token (16+ characters) every API request must carry: open the page once "
+                        "as /?token=TOKEN, or send 'Authorization: Bearer TOKEN'; required beyond loopback")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0 picks a free one)")
     p.add_argument("--max-upload-mb", type=positive_int, default=20, help="largest uploaded query image in MiB (default 20)")
     p.add_argument("--max-k", type=positive_int, default=200, help="most results one search may ask for (default 200)")
-    p.add_argument("--max-object-mb", type=positive_float, default=256.0, metavar="MB",
-                   help="a thumbnail reads at most this much of an indexed object; larger ones answer 422 (default 256)")
+    p.add_argument("--max-object-mb", type=positive_float, default=64.0, metavar="MB",
+                   help="a thumbnail reads at most this much of an indexed object; larger ones answer 422 (default 64)")
+    p.add_argument("--max-megapixels", type=positive_float, default=40.0, metavar="MP",
+                   help="largest image a thumbnail or an upload decodes to (default 40: 120 MB of RGB)")
+    p.add_argument("--decode-queue", type=int, default=16, metavar="N",
+                   help="requests waiting to decode beyond the 4 running; more answer 503 with Retry-After (default 16)")
+    p.add_argument("--thumb-cache-mb", type=positive_int, default=1024, metavar="MB",
+                   help="thumbnails kept on disk, keyed by object URI and ETag (default 1024)")
     p.add_argument("--check-every", type=non_negative_float, default=2.0, metavar="SECONDS",
                    help="read CURRENT at most this often and load a new index when it moves (default 2)")
 
@@ -38,21 +50,29 @@ def start_background(index: str, *, host: str = "127.0.0.1", port: int = 0, chec
 def run(args) -> int:
     import asyncio
 
+    from sparse_embed.pipeline.serve.access import AccessPolicy, read_token_file
     from sparse_embed.pipeline.serve.app import build_app
+    from sparse_embed.pipeline.serve.decode_slots import DEFAULT_RUNNING, DecodeSlots
     from sparse_embed.pipeline.serve.live_index import LiveIndex
     from sparse_embed.pipeline.serve.runner import is_loopback, serve_forever
     from sparse_embed.pipeline.store.storage import check_readable
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"Expected --port from 0 to 65535, got {args.port}")
+    if args.decode_queue < 0:
+        raise ValueError(f"Expected --decode-queue of 0 or more, got {args.decode_queue}")
+    token = read_token_file(args.token_file) if args.token_file else None
+    access = AccessPolicy.for_listener(args.host, allowed_hosts=args.allowed_host, token=token)
     check_readable(args.index, role="--index")  # credentials and bucket, named before the index is read
     live = LiveIndex(args.index, check_every_s=args.check_every)
     loaded = live.load()
     app = build_app(live, max_k=args.max_k, max_upload_bytes=args.max_upload_mb * 2 ** 20,
-                    max_object_bytes=int(args.max_object_mb * 2 ** 20))
+                    max_object_bytes=int(args.max_object_mb * 2 ** 20), max_pixels=int(args.max_megapixels * 1e6),
+                    thumb_cache_bytes=args.thumb_cache_mb * 2 ** 20, access=access,
+                    decodes=DecodeSlots(DEFAULT_RUNNING, args.decode_queue))
     if not is_loopback(args.host):
-        print(f"warning: listening on {args.host}: anyone who can reach it can search the index and see its images "
-              f"(there is no login); --host 127.0.0.1 keeps it to this machine", flush=True)
+        print(f"listening on {args.host}: requests need the token and one of the names "
+              f"{', '.join(sorted(access.hosts))}", flush=True)
 
     def ready(url: str) -> None:
         print(f"serving index {loaded.index_id} ({loaded.index.ntotal} vectors) at {url}  (Ctrl-C stops it)", flush=True)

@@ -30,7 +30,12 @@ def run(args) -> int:
     with output_lock(args.out, owner=owner, wait_s=args.lock_wait):
         report = vacuum_output(args.out, retain_hours=args.retain_hours)
     for name, t in report["tables"].items():
-        print(f"{name}: {t['files']} files removed ({t['bytes']:,} bytes)")
+        kept = f"; kept every file: {t['kept_all']}" if t.get("kept_all") else ""
+        print(f"{name}: {t['files']} files removed ({t['bytes']:,} bytes){kept}")
+    st, left = report["staged"], report["leftovers"]
+    print(f"model changes: {st['files']} files removed ({st['bytes']:,} bytes)"
+          + (f", abandoned staging of {', '.join(st['removed'])} removed" if st["removed"] else ""))
+    print(f"work folders of dead runs and stale probes: {left['files']} files removed ({left['bytes']:,} bytes)")
     ix = report["index"]
     print(f"index: {len(ix['removed'])} versions removed ({ix['bytes']:,} bytes); kept {', '.join(ix['kept']) or 'none'} "
           f"(CURRENT's and those younger than {args.retain_hours:g} h)")

@@ -247,6 +247,11 @@ class ShardedIndex:
     def uri_of(self, image_id: int) -> str | None:
         return self.id_maps.lookup([int(image_id)])[0]
 
+    def uri_and_etag_of(self, image_id: int) -> tuple[str | None, str | None]:
+        """(uri, etag) the index holds for `image_id`; (None, None) when it does not list it."""
+        uri = self.uri_of(image_id)
+        return (uri, self.id_maps.lookup([int(image_id)], "etag")[0]) if uri is not None else (None, None)
+
     def uris_of(self, image_ids) -> list:
         """uri per id (None for ids the index does not hold), one vectorised lookup."""
         return self.id_maps.lookup(image_ids)

@@ -7,12 +7,16 @@
     GET  /api/thumb/{id}      a 256x256 JPEG of an object the index lists, read by the server
 
 Every error is JSON {"error": "<one sentence>"} with its HTTP status (404 for an image_id or
-uri the index does not list, 413 for an upload over the limit). Blocking work runs in
-worker threads: faiss, table and object reads in a pool, the encoder in one thread of its
-own (one forward pass at a time).
+uri the index does not list, 413 for an upload over the limit, 403 for a foreign Host or
+Origin, 401 without the token, 503 with Retry-After when the decode queue is full).
+Access (Host, Origin, token) is checked first, for every request (access.py). Blocking
+work runs in worker threads: faiss, table and object reads in a pool, the encoder in one
+thread of its own (one forward pass at a time); decoding (uncached thumbnails, uploads)
+holds a slot of DecodeSlots.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +24,8 @@ from pathlib import Path
 
 from aiohttp import web  # aiohttp comes with ray[default]; importing it costs ~0.1 s, not torch's seconds
 
+from .access import TOKEN_COOKIE, AccessPolicy
+from .decode_slots import DecodeSlots
 from .requests import DEFAULT_MAX_UPLOAD_BYTES, MAX_K, RequestError, check_upload_size, parse_image_id, search_query
 
 log = logging.getLogger(__name__)
@@ -31,6 +37,9 @@ MAX_UPLOAD = web.AppKey("max_upload_bytes", int)
 ENCODERS = web.AppKey("encoders", object)  # QueryEncoders
 THUMBS = web.AppKey("thumbs", object)  # ThumbCache
 MAX_OBJECT = web.AppKey("max_object", int)  # bytes a thumbnail reads of an object at most
+MAX_PIXELS = web.AppKey("max_pixels", int)  # pixels a thumbnail or upload may decode to
+ACCESS = web.AppKey("access", AccessPolicy)
+DECODES = web.AppKey("decodes", DecodeSlots)
 IO_POOL = web.AppKey("io_pool", ThreadPoolExecutor)  # faiss, table and object reads
 ENCODE_POOL = web.AppKey("encode_pool", ThreadPoolExecutor)  # one thread: one forward pass at a time
 
@@ -59,9 +68,11 @@ def _middleware():
     @web.middleware
     async def errors_and_headers(request, handler):
         try:
+            request.app[ACCESS].check(request)
             response = await handler(request)
         except RequestError as e:
             response = _error(e.status, str(e))
+            response.headers.update(e.headers)
         except web.HTTPRequestEntityTooLarge:  # the body passed client_max_size while being read
             limit = request.app[MAX_UPLOAD]
             response = _error(413, f"The upload is over this server's limit of {limit:,} bytes ({limit / 2 ** 20:.3g} "
@@ -120,11 +131,13 @@ async def search(request):
     query = search_query(await _search_fields(request), max_k=request.app[MAX_K_KEY],
                          max_upload_bytes=request.app[MAX_UPLOAD])
     loaded = await request.app[LIVE].current()  # this request's index, whatever CURRENT does meanwhile
-    pool = ENCODE_POOL if query.upload is not None else IO_POOL
-    return _json(200, await _run(request, pool, run_search, loaded, query, request.app[ENCODERS]))
+    if query.upload is None:
+        return _json(200, await _run(request, IO_POOL, run_search, loaded, query, request.app[ENCODERS]))
+    async with request.app[DECODES].slot():
+        return _json(200, await _run(request, ENCODE_POOL, run_search, loaded, query, request.app[ENCODERS]))
 
 
-def _read_thumb(uri: str, max_bytes: int) -> bytes:
+def _read_thumb(uri: str, max_bytes: int, max_pixels: int) -> bytes:
     from sparse_embed.pipeline.embed.decode import TooLarge, fetch_many
 
     from .thumbs import thumbnail_jpeg
@@ -136,24 +149,33 @@ def _read_thumb(uri: str, max_bytes: int) -> bytes:
         raise RequestError(422, f"The object {uri!r} is too large to show: {data}")
     if isinstance(data, Exception):
         raise RequestError(502, f"The store did not return {uri!r}: {type(data).__name__}: {str(data)[:200]}")
-    return thumbnail_jpeg(data)
+    return thumbnail_jpeg(data, max_pixels=max_pixels)
 
 
 async def thumb(request):
     image_id = parse_image_id(request.match_info["image_id"])
     loaded = await request.app[LIVE].current()
-    uri = loaded.index.uri_of(image_id)  # only what the index lists is ever read
+    uri, etag = loaded.index.uri_and_etag_of(image_id)  # only what the index lists is ever read
     if uri is None:
         raise RequestError(404, f"image_id {image_id} is not in index {loaded.index_id}")
-    cache, key = request.app[THUMBS], (loaded.index_id, image_id)
-    body = cache.get(key)
+    cache = request.app[THUMBS]
+    body = await _run(request, IO_POOL, cache.get, uri, etag)
     if body is None:
-        body = await _run(request, IO_POOL, _read_thumb, uri, request.app[MAX_OBJECT])
-        cache.put(key, body)
+        async with request.app[DECODES].slot():
+            body = await _run(request, IO_POOL, _read_thumb, uri, request.app[MAX_OBJECT], request.app[MAX_PIXELS])
+        await _run(request, IO_POOL, cache.put, uri, etag, body)
     return web.Response(body=body, content_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
 
 
 async def page(request):
+    access = request.app[ACCESS]
+    given = request.query.get("token")
+    if given is not None and access.token:  # the link with the token: keep it in a cookie, drop it from the address
+        if not hmac.compare_digest(given.encode(), access.token.encode()):
+            raise RequestError(401, "The token in the address is not this server's: check the link you were given")
+        redirect = web.HTTPSeeOther("/")
+        redirect.set_cookie(TOKEN_COOKIE, given, httponly=True, samesite="Strict", path="/")
+        raise redirect
     return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
@@ -177,12 +199,15 @@ async def _close_pools(app):
 
 
 def build_app(live, *, max_k: int = MAX_K, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-              thumb_cache_bytes: int | None = None, io_threads: int = 8, max_object_bytes: int | None = None):
-    """live: a LiveIndex whose load() has run."""
-    from .query_encoder import QueryEncoders
-    from sparse_embed.pipeline.embed.decode import DEFAULT_MAX_OBJECT_MB
+              thumb_cache_bytes: int | None = None, thumb_cache_dir=None, io_threads: int = 8,
+              max_object_bytes: int | None = None, max_pixels: int | None = None, access: AccessPolicy | None = None,
+              decodes: DecodeSlots | None = None):
+    """live: a LiveIndex whose load() has run. `access`: default, a server on loopback
+    without a token; `thumb_cache_dir`: default <cache>/thumbs."""
+    from sparse_embed.pipeline.index.searcher import CACHE_DIR
 
-    from .thumbs import DEFAULT_CACHE_BYTES, ThumbCache
+    from .query_encoder import QueryEncoders
+    from .thumbs import DEFAULT_CACHE_BYTES, SERVE_MAX_OBJECT_BYTES, SERVE_MAX_PIXELS, ThumbCache
 
     if not 1 <= max_k <= 10_000:
         raise ValueError(f"Expected --max-k from 1 to 10000, got {max_k!r}")
@@ -192,9 +217,12 @@ def build_app(live, *, max_k: int = MAX_K, max_upload_bytes: int = DEFAULT_MAX_U
     app[LIVE] = live
     app[MAX_K_KEY] = max_k
     app[MAX_UPLOAD] = max_upload_bytes
-    app[ENCODERS] = QueryEncoders()
-    app[THUMBS] = ThumbCache(thumb_cache_bytes or DEFAULT_CACHE_BYTES)
-    app[MAX_OBJECT] = max_object_bytes or DEFAULT_MAX_OBJECT_MB * 2**20
+    app[MAX_PIXELS] = max_pixels or SERVE_MAX_PIXELS
+    app[ENCODERS] = QueryEncoders(max_pixels=app[MAX_PIXELS])
+    app[THUMBS] = ThumbCache(thumb_cache_dir or CACHE_DIR / "thumbs", thumb_cache_bytes or DEFAULT_CACHE_BYTES)
+    app[MAX_OBJECT] = max_object_bytes or SERVE_MAX_OBJECT_BYTES
+    app[ACCESS] = access or AccessPolicy.for_listener("127.0.0.1")
+    app[DECODES] = decodes or DecodeSlots()
     app[IO_POOL] = ThreadPoolExecutor(io_threads, thread_name_prefix="serve-io")
     app[ENCODE_POOL] = ThreadPoolExecutor(1, thread_name_prefix="serve-encode")
     app.on_startup.append(_start_warming)

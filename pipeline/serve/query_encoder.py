@@ -13,12 +13,14 @@ from .requests import RequestError
 
 
 class QueryEncoder:
-    def __init__(self, encoder: dict):
-        """encoder: the manifest's `encoder` record ({"spec": ..., "model_version": ...})."""
+    def __init__(self, encoder: dict, *, max_pixels: int):
+        """encoder: the manifest's `encoder` record ({"spec": ..., "model_version": ...});
+        max_pixels: the serving pixel limit of an upload."""
         from sparse_embed.pipeline.embed.actor import EmbedActor
         from sparse_embed.pipeline.embed.decode import ResizePlan
 
         self.model_version = encoder["model_version"]
+        self.max_pixels = max_pixels
         self.actor = EmbedActor(spec=encoder["spec"], expected_version=encoder["model_version"])  # fp32 here, no Ray
         self.plan = ResizePlan.from_data_config(self.actor.encoder.data_config)
 
@@ -28,7 +30,7 @@ class QueryEncoder:
                                                         UnsupportedFormat, decode_image)
 
         try:
-            return decode_image(data, self.plan, formats=ALLOWED_FORMATS)[0].tobytes()
+            return decode_image(data, self.plan, formats=ALLOWED_FORMATS, max_pixels=self.max_pixels)[0].tobytes()
         except UnsupportedFormat as e:
             raise RequestError(415, f"The upload is {e.detected}, which this server does not decode: send one of "
                                     f"{', '.join(ALLOWED_FORMATS)}") from None
@@ -36,7 +38,8 @@ class QueryEncoder:
             raise RequestError(415, f"The upload is not an image this server reads: send one of "
                                     f"{', '.join(ALLOWED_FORMATS)}") from None
         except DecompressionBomb as e:
-            raise RequestError(413, f"The upload has too many pixels ({e}): send a smaller image") from None
+            raise RequestError(413, f"The upload has too many pixels ({e}; this server decodes at most "
+                                    f"{self.max_pixels:,}): send a smaller image") from None
         except DecodeError as e:
             raise RequestError(400, f"The upload could not be decoded ({e}): send a complete image file") from None
 
@@ -50,7 +53,8 @@ class QueryEncoder:
 class QueryEncoders:
     """One QueryEncoder per model_version, built on first use (thread-safe)."""
 
-    def __init__(self):
+    def __init__(self, *, max_pixels: int):
+        self.max_pixels = max_pixels
         self._by_version: dict[str, QueryEncoder] = {}
         self._lock = threading.Lock()
 
@@ -61,5 +65,5 @@ class QueryEncoders:
                                     "image_id, or rebuild the index from an embed run")
         with self._lock:
             if encoder["model_version"] not in self._by_version:
-                self._by_version = {encoder["model_version"]: QueryEncoder(encoder)}  # the old model is let go
+                self._by_version = {encoder["model_version"]: QueryEncoder(encoder, max_pixels=self.max_pixels)}  # the old model is let go
             return self._by_version[encoder["model_version"]]

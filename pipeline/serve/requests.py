@@ -14,9 +14,10 @@ INT64_MAX = 2 ** 63 - 1
 class RequestError(Exception):
     """A request the server refuses: `status` is the HTTP status, the message says why in words."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, *, headers: dict | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
 
 
 @dataclass(frozen=True)

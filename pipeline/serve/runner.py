@@ -37,6 +37,10 @@ async def start_site(app, host: str, port: int):
         await runner.cleanup()
         raise ValueError(f"Cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host") from None
     bound = runner.addresses[0]
+    from .app import ACCESS
+
+    if ACCESS in app:
+        app[ACCESS].port = bound[1]  # a Host header naming another port is refused from now on
     return runner, address(host, bound[1])
 
 

@@ -79,17 +79,22 @@ def arrow_filesystem(uri: str):
     return pafs.LocalFileSystem(), strip_scheme(uri)
 
 
-def delta_storage_options(uri: str) -> dict[str, str] | None:
+def delta_storage_options(uri: str, *, write: bool) -> dict[str, str] | None:
     """deltalake storage options: the environment already carries credentials; these only
     add what deltalake cannot infer. Delta commits are safe on S3 only if a commit can be
     written "if absent": where the store honours conditional writes (If-None-Match; AWS S3
     since 2024-08, MinIO, SeaweedFS), deltalake uses them (`conditional_put: etag`) and two
     writers can never overwrite each other's commit. Elsewhere it falls back to an unsafe
-    rename, which is safe only because every writer holds the output lock."""
+    rename, which is safe only because every writer holds the output lock. Finding out
+    takes a probe write, so only a writer (`write`) asks: a reader's options name neither,
+    it needs no write permission and writes nothing (and deltalake refuses a commit
+    through a table opened that way)."""
     if not is_s3(uri):
         return None
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    opts = {"conditional_put": "etag"} if supports_conditional_put(uri) else {"AWS_S3_ALLOW_UNSAFE_RENAME": "true"}
+    opts = {}
+    if write:
+        opts = {"conditional_put": "etag"} if supports_conditional_put(uri) else {"AWS_S3_ALLOW_UNSAFE_RENAME": "true"}
     if endpoint and endpoint.startswith("http://"):
         opts["AWS_ALLOW_HTTP"] = "true"
     return opts

@@ -73,13 +73,15 @@ def table_uri(out: str, name: str) -> str:
     return storage.join(out, name)
 
 
-def open_table(uri: str, version: int | None = None):
-    """The DeltaTable at `uri`, or None if there is none yet."""
+def open_table(uri: str, version: int | None = None, *, write: bool = False):
+    """The DeltaTable at `uri`, or None if there is none yet. Only a table opened with
+    `write` can commit through deltalake (storage.delta_storage_options); reading needs
+    no write permission."""
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
     try:
-        return DeltaTable(uri, version=version, storage_options=storage.delta_storage_options(uri))
+        return DeltaTable(uri, version=version, storage_options=storage.delta_storage_options(uri, write=write))
     except TableNotFoundError:
         return None
 
@@ -88,9 +90,9 @@ def ensure_table(uri: str, schema):
     """Open the table, creating it empty (version 0) with `schema` if missing."""
     from deltalake import DeltaTable
 
-    dt = open_table(uri)
+    dt = open_table(uri, write=True)
     if dt is None:
-        dt = DeltaTable.create(uri, schema=schema, mode="ignore", storage_options=storage.delta_storage_options(uri))
+        dt = DeltaTable.create(uri, schema=schema, mode="ignore", storage_options=storage.delta_storage_options(uri, write=True))
     return dt
 
 
@@ -111,7 +113,7 @@ def append(uri: str, table, schema) -> int:
 
     check_before_commit(uri)
     ensure_table(uri, schema)
-    write_deltalake(uri, table.cast(schema), mode="append", storage_options=storage.delta_storage_options(uri))
+    write_deltalake(uri, table.cast(schema), mode="append", storage_options=storage.delta_storage_options(uri, write=True))
     return open_table(uri).version()
 
 
@@ -121,7 +123,7 @@ def delete_matching(uri: str, keys, on: tuple[str, ...], *, unless: str | None =
     row (its key columns travel with `keys`). Returns the number of rows deleted."""
     from deltalake import WriterProperties
 
-    dt = open_table(uri)
+    dt = open_table(uri, write=True)
     if dt is None or keys.num_rows == 0:
         return 0
     check_before_commit(uri)
@@ -156,7 +158,7 @@ def overwrite(uri: str, data, schema) -> int:
 
     check_before_commit(uri)
     ensure_table(uri, schema)
-    write_deltalake(uri, data, mode="overwrite", schema_mode="overwrite", storage_options=storage.delta_storage_options(uri))
+    write_deltalake(uri, data, mode="overwrite", schema_mode="overwrite", storage_options=storage.delta_storage_options(uri, write=True))
     return open_table(uri).version()
 
 
@@ -250,7 +252,7 @@ def commit_files(uri: str, files: list[tuple], schema, *, mode: str = "append") 
                          stats=json.dumps({"numRecords": f[2]} | (f[3] if len(f) > 3 and f[3] else {}), default=str))
                for f in files]
     dt.create_write_transaction(actions, mode=mode, schema=schema)
-    dt = open_table(uri)
+    dt = open_table(uri, write=True)
     if len(files) >= CHECKPOINT_AFTER_FILES:
         dt.create_checkpoint()
     return dt.version()

@@ -97,7 +97,7 @@ def vacuum_table(uri: str, *, cutoff: float, keep=(), staged=()) -> dict:
         fs.rm(sorted(doomed))
         fs.invalidate_cache(root)
     check_before_commit(uri)
-    dt = tables.open_table(uri)
+    dt = tables.open_table(uri, write=True)
     dt.create_checkpoint()
     dt.cleanup_metadata()
     log.info("vacuum %s: %d files, %d bytes", uri, len(doomed), sum(doomed.values()))

@@ -241,8 +241,8 @@ def test_delta_commits_use_conditional_writes_so_concurrent_commits_never_overwr
     import pyarrow as pa
 
     uri = f"{bucket}/race/embeddings"
-    assert storage.delta_storage_options(uri)["conditional_put"] == "etag"
-    assert "AWS_S3_ALLOW_UNSAFE_RENAME" not in storage.delta_storage_options(uri)
+    assert storage.delta_storage_options(uri, write=True)["conditional_put"] == "etag"
+    assert "AWS_S3_ALLOW_UNSAFE_RENAME" not in storage.delta_storage_options(uri, write=True)
     schema = pa.schema([("image_id", pa.int64())])
     tables.append(uri, pa.table({"image_id": pa.array([0], pa.int64())}), schema)
     threads = [threading.Thread(target=tables.append, args=(uri, pa.table({"image_id": pa.array([i], pa.int64())}), schema))

@@ -16,7 +16,9 @@ from sparse_embed.jobs.demo import corrupt_objects
 from sparse_embed.pipeline.embed.run import EmbedConfig, run_embed
 from sparse_embed.pipeline.index.build import BuildConfig, build_index
 from sparse_embed.pipeline.index.searcher import ShardedIndex, current_index_id
+from sparse_embed.pipeline.serve.access import AccessPolicy
 from sparse_embed.pipeline.serve.app import build_app
+from sparse_embed.pipeline.serve.decode_slots import DecodeSlots
 from sparse_embed.pipeline.serve.live_index import LiveIndex
 from sparse_embed.pipeline.serve.runner import BackgroundServer
 from sparse_embed.pipeline.store import live, storage, tables
@@ -54,10 +56,10 @@ class Client:
 
 
 @pytest.fixture(scope="module")
-def server(indexed):
+def server(indexed, tmp_path_factory):
     live = LiveIndex(indexed["index"], check_every_s=3600)  # this module's reload test runs its own server
     live.load()
-    with BackgroundServer(build_app(live, max_upload_bytes=200_000)) as srv:
+    with BackgroundServer(build_app(live, max_upload_bytes=200_000, thumb_cache_dir=tmp_path_factory.mktemp("thumbs"))) as srv:
         yield Client(srv.url)
 
 
@@ -197,13 +199,13 @@ def test_the_page_is_served_with_a_strict_policy(server):
     assert r.headers["X-Content-Type-Options"] == "nosniff"
 
 
-def test_a_thumbnail_of_an_object_over_the_size_cap_is_422_without_reading_it_whole(indexed):
+def test_a_thumbnail_of_an_object_over_the_size_cap_is_422_without_reading_it_whole(indexed, tmp_path):
     """An indexed object on S3 larger than the server's --max-object-mb: 422 in words."""
     uri = indexed["source"] + "base/img_00001.png"
     size = storage.filesystem(uri).info(storage.strip_scheme(uri))["size"]
     live = LiveIndex(indexed["index"], check_every_s=3600)
     live.load()
-    with BackgroundServer(build_app(live, max_object_bytes=size - 1)) as srv:
+    with BackgroundServer(build_app(live, max_object_bytes=size - 1, thumb_cache_dir=tmp_path / "thumbs")) as srv:
         client = Client(srv.url)
         r = client("GET", f"/api/thumb/{indexed['ids'][uri]}")
         assert r.status_code == 422 and "too large to show" in r.json()["error"], r.text
@@ -320,3 +322,94 @@ def test_demo_serve_leaves_the_page_running_and_prints_its_address(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _port(client: Client) -> int:
+    return int(client.url.rstrip("/").rsplit(":", 1)[1])
+
+
+def test_a_foreign_host_or_origin_is_refused_while_the_servers_own_names_work(indexed, server):
+    """DNS rebinding sends the attacker's name in Host; a cross-site form or script sends its
+    page in Origin: both 403 in words, while the server's own names answer."""
+    port = _port(server)
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+        assert server("GET", "/api/status", headers={"Host": host}).status_code == 200, host
+    for host in (f"attacker.example:{port}", "attacker.example", f"127.0.0.1:{port + 1}"):
+        r = server("GET", "/api/status", headers={"Host": host})
+        assert r.status_code == 403 and "does not answer to the host" in r.json()["error"], (host, r.text)
+        assert server("GET", "/api/thumb/0", headers={"Host": host}).status_code == 403
+    query = {"json": {"image_id": next(iter(indexed["ids"].values())), "k": 2}}
+    r = server.search(headers={"Origin": "http://attacker.example"}, **query)
+    assert r.status_code == 403 and "search from this server's own page" in r.json()["error"], r.text
+    assert server.search(headers={"Origin": f"http://127.0.0.1:{port}"}, **query).status_code == 200
+    assert server.search(**query).status_code == 200, "a client that sends no Origin (curl, scripts) is served"
+
+
+def test_beyond_loopback_a_token_is_required_and_carried_by_header_or_cookie(indexed, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sparse_embed.jobs.cli", "serve", "--index", indexed["index"],
+                           "--host", "0.0.0.0", "--allowed-host", "127.0.0.1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "needs --token-file" in done.stderr, done.stderr
+    token = "t" * 12 + "-secret-token"
+    live = LiveIndex(indexed["index"], check_every_s=3600)
+    live.load()
+    access = AccessPolicy.for_listener("0.0.0.0", allowed_hosts=["127.0.0.1"], token=token)
+    with BackgroundServer(build_app(live, access=access, thumb_cache_dir=tmp_path / "thumbs"), host="0.0.0.0") as srv:
+        port = srv.url.rstrip("/").rsplit(":", 1)[1]
+        client = Client(f"http://127.0.0.1:{port}/")
+        r = client("GET", "/api/status")
+        assert r.status_code == 401 and "needs its token" in r.json()["error"], r.text
+        assert client("GET", "/api/status", headers={"Authorization": "Bearer wrong-token-of-some-length"}).status_code == 401
+        assert client("GET", "/api/status", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        assert client("GET", "/").status_code == 200, "the page itself is static"
+        with requests.Session() as browser:  # the link with the token sets a cookie and leaves the address
+            r = browser.get(f"http://127.0.0.1:{port}/?token={token}", timeout=60)
+            assert r.status_code == 200 and r.url == f"http://127.0.0.1:{port}/", r.url
+            cookie = browser.cookies.get("sparse_embed_token")
+            assert cookie == token
+            image_id = next(iter(indexed["ids"].values()))
+            assert browser.get(f"http://127.0.0.1:{port}/api/thumb/{image_id}", timeout=60).status_code == 200
+            assert browser.get(f"http://127.0.0.1:{port}/?token=not-the-token-at-all", timeout=60).status_code == 401
+
+
+def test_images_over_the_serving_pixel_limit_are_refused_in_words_and_the_server_goes_on(indexed, tmp_path):
+    from PIL import Image
+
+    live = LiveIndex(indexed["index"], check_every_s=3600)
+    live.load()
+    with BackgroundServer(build_app(live, max_pixels=1000, thumb_cache_dir=tmp_path / "thumbs")) as srv:
+        client = Client(srv.url)
+        image_id = next(iter(indexed["ids"].values()))
+        r = client("GET", f"/api/thumb/{image_id}")
+        assert r.status_code == 422 and "too many pixels" in r.json()["error"] and "1,000" in r.json()["error"], r.text
+        upload = io.BytesIO()
+        Image.new("RGB", (40, 40), (10, 200, 10)).save(upload, "PNG")
+        r = client.search(files={"image": ("x.png", upload.getvalue(), "image/png")})
+        assert r.status_code == 413 and "at most 1,000" in r.json()["error"], r.text
+        assert client.search(json={"image_id": image_id, "k": 3}).status_code == 200
+        assert client("GET", "/api/status").status_code == 200
+
+
+def test_a_full_decode_queue_answers_503_with_retry_after(indexed, tmp_path):
+    from PIL import Image
+
+    live = LiveIndex(indexed["index"], check_every_s=3600)
+    live.load()
+    slots = DecodeSlots(running=1, waiting=0)
+    with BackgroundServer(build_app(live, decodes=slots, thumb_cache_dir=tmp_path / "thumbs")) as srv:
+        client = Client(srv.url)
+        upload = io.BytesIO()
+        Image.new("RGB", (40, 40), (10, 200, 10)).save(upload, "PNG")
+        image_id = next(iter(indexed["ids"].values()))
+        slots.held = 1  # one decode running, no place to wait
+        r = client.search(files={"image": ("x.png", upload.getvalue(), "image/png")})
+        assert r.status_code == 503 and r.headers["Retry-After"] == "2" and "busy" in r.json()["error"], r.text
+        assert client("GET", f"/api/thumb/{image_id}").status_code == 503, "an uncached thumbnail decodes too"
+        assert client.search(json={"image_id": image_id, "k": 3}).status_code == 200, "searches by id decode nothing"
+        slots.held = 0
+        assert client.search(files={"image": ("x.png", upload.getvalue(), "image/png")}).status_code == 200
+        assert client("GET", f"/api/thumb/{image_id}").status_code == 200
+        slots.held = 1
+        assert client("GET", f"/api/thumb/{image_id}").status_code == 200, "a cached thumbnail decodes nothing"

@@ -5,6 +5,7 @@ previous index keeps answering by id and by URI, and the next night updates the 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -121,7 +122,8 @@ def _output_bytes(out: str) -> tuple[int, int]:
     return stored, needed
 
 
-@pytest.mark.slow  # about 15 s a night on 2 cores: ./dev test -m slow tests/integration/test_vacuum.py
+@pytest.mark.slow  # about 25 s a night on 2 cores: ./dev test -m slow tests/integration/test_vacuum.py
+@pytest.mark.timeout(3000)
 def test_forty_nights_with_compactions_and_vacuum_stay_bounded_and_keep_serving(ray_local, bucket, capsys, tmp_path):
     """40 nightlies (one object changed, one deleted, one added each night; deletion vectors,
     files of 4 rows, so compactions come every few nights), each followed by its vacuum
@@ -158,6 +160,7 @@ def test_forty_nights_with_compactions_and_vacuum_stay_bounded_and_keep_serving(
 
         stored, needed = _output_bytes(out)
         sizes.append(stored)
+        sys.__stderr__.write(f"night {night}: {stored:,} bytes stored, {needed:,} needed\n")
         assert needed <= stored <= needed + OUTSIDE_TABLES_BYTES, (night, stored, needed)
         for name in ("embeddings", "errors", "image_ids", "listing"):
             uri = tables.table_uri(out, name)

@@ -94,13 +94,23 @@ def test_address():
     assert address("::1", 81) == "http://[::1]:81/"
 
 
-def test_thumb_cache_evicts_least_recently_used_by_bytes():
-    cache = ThumbCache(max_bytes=10)
-    cache.put("a", b"1234")
-    cache.put("b", b"1234")
-    assert cache.get("a") == b"1234"  # a is now the most recent
-    cache.put("c", b"1234")  # 12 bytes: b goes
-    assert (cache.get("b"), cache.get("a"), cache.get("c"), len(cache)) == (None, b"1234", b"1234", 2)
+def test_thumb_cache_on_disk_is_keyed_by_etag_and_evicts_least_recently_used_by_bytes(tmp_path):
+    import os
+    import time
+
+    cache = ThumbCache(tmp_path / "thumbs", max_bytes=10)
+    cache.put("s3://b/a.jpg", "e1", b"1234")
+    cache.put("s3://b/b.jpg", "e1", b"1234")
+    past = time.time() - 60
+    for p in (tmp_path / "thumbs").glob("*/*.jpg"):
+        os.utime(p, (past, past))
+    assert cache.get("s3://b/a.jpg", "e2") is None, "another etag: another thumbnail"
+    assert cache.get("s3://b/a.jpg", "e1") == b"1234"  # a is now the most recent
+    cache.put("s3://b/c.jpg", "e1", b"1234")  # 12 bytes: b goes
+    assert (cache.get("s3://b/b.jpg", "e1"), cache.get("s3://b/a.jpg", "e1"), cache.get("s3://b/c.jpg", "e1"),
+            len(cache)) == (None, b"1234", b"1234", 1 + 1)
+    again = ThumbCache(tmp_path / "thumbs", max_bytes=10)  # a restarted server finds them
+    assert again.get("s3://b/c.jpg", "e1") == b"1234" and again._bytes == 8
 
 
 def test_thumbnail_is_a_square_jpeg_and_refuses_what_the_job_refuses():

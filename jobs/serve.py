@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests waiting to decode beyond the 4 running; more answer 503 with Retry-After (default 16)")
     p.add_argument("--thumb-cache-mb", type=positive_int, default=1024, metavar="MB",
                    help="thumbnails kept on disk, keyed by object URI and ETag (default 1024)")
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                   help="server processes on the port, over one memory-mapped index (default 1)")
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # internal: a worker of --workers
     p.add_argument("--check-every", type=non_negative_float, default=2.0, metavar="SECONDS",
                    help="read CURRENT at most this often and load a new index when it moves (default 2)")
 
@@ -64,6 +67,8 @@ def run(args) -> int:
     token = read_token_file(args.token_file) if args.token_file else None
     access = AccessPolicy.for_listener(args.host, allowed_hosts=args.allowed_host, token=token)
     check_readable(args.index, role="--index")  # credentials and bucket, named before the index is read
+    if args.workers > 1:
+        return _run_workers(args)
     live = LiveIndex(args.index, check_every_s=args.check_every)
     loaded = live.load()
     app = build_app(live, max_k=args.max_k, max_upload_bytes=args.max_upload_mb * 2 ** 20,
@@ -77,6 +82,23 @@ def run(args) -> int:
     def ready(url: str) -> None:
         print(f"serving index {loaded.index_id} ({loaded.index.ntotal} vectors) at {url}  (Ctrl-C stops it)", flush=True)
 
-    stopped_by = asyncio.run(serve_forever(app, args.host, args.port, on_ready=ready))
+    stopped_by = asyncio.run(serve_forever(app, args.host, args.port, on_ready=ready, reuse_port=args.reuse_port))
     print(f"stopped ({stopped_by})", flush=True)
     return 0
+
+
+def _run_workers(args) -> int:
+    """`--workers N`: this process supervises N single-worker servers on one port (workers.py)."""
+    from sparse_embed.pipeline.serve.workers import free_port, run_workers
+
+    port = args.port or free_port(args.host)
+    child = ["--index", args.index, "--host", args.host, "--port", str(port), "--reuse-port",
+             "--max-upload-mb", str(args.max_upload_mb), "--max-k", str(args.max_k),
+             "--max-object-mb", str(args.max_object_mb), "--max-megapixels", str(args.max_megapixels),
+             "--decode-queue", str(args.decode_queue), "--thumb-cache-mb", str(args.thumb_cache_mb),
+             "--check-every", str(args.check_every)]
+    for name in args.allowed_host:
+        child += ["--allowed-host", name]
+    if args.token_file:
+        child += ["--token-file", args.token_file]
+    return run_workers(child, args.workers)

@@ -30,7 +30,9 @@ def run(args) -> int:
     with output_lock(args.out, owner=owner, wait_s=args.lock_wait):
         report = vacuum_output(args.out, retain_hours=args.retain_hours)
     for name, t in report["tables"].items():
-        kept = f"; kept every file: {t['kept_all']}" if t.get("kept_all") else ""
+        kept = (f"; kept every file: {t['kept_all']}" if t.get("kept_all") else
+                f"; kept {t['kept_files']} older files ({t['kept_bytes']:,} bytes) that a version of the last "
+                f"{args.retain_hours:g} h or a pending commit needs" if t["kept_files"] else "")
         print(f"{name}: {t['files']} files removed ({t['bytes']:,} bytes){kept}")
     st, left = report["staged"], report["leftovers"]
     print(f"model changes: {st['files']} files removed ({st['bytes']:,} bytes)"

@@ -24,13 +24,14 @@ def address(host: str, port: int) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
-async def start_site(app, host: str, port: int):
-    """Listen on host:port (0: a free port); -> (runner, the page's address)."""
+async def start_site(app, host: str, port: int, *, reuse_port: bool = False):
+    """Listen on host:port (0: a free port; `reuse_port`: beside other processes on that
+    port, SO_REUSEPORT); -> (runner, the page's address)."""
     from aiohttp import web
 
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError as e:
@@ -44,10 +45,10 @@ async def start_site(app, host: str, port: int):
     return runner, address(host, bound[1])
 
 
-async def serve_forever(app, host: str, port: int, on_ready=print) -> str:
+async def serve_forever(app, host: str, port: int, on_ready=print, *, reuse_port: bool = False) -> str:
     """Serve until SIGINT (Ctrl-C) or SIGTERM (a service manager's stop), then close every
     connection and the app's resources; returns the signal's name."""
-    runner, url = await start_site(app, host, port)
+    runner, url = await start_site(app, host, port, reuse_port=reuse_port)
     loop = asyncio.get_running_loop()
     stopped: asyncio.Future = loop.create_future()
     signals = (signal.SIGINT, signal.SIGTERM)

@@ -3,6 +3,7 @@ the query vector from an upload, an image_id or a URI the index lists, then top-
 An image_id or URI the index does not list is a 404."""
 from __future__ import annotations
 
+import os
 import time
 
 from .requests import RequestError, SearchQuery
@@ -71,4 +72,5 @@ def status_of(live) -> dict:
         "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(loaded.opened_at)),
         "check_every_s": live.check_every_s,
         "reload_error": live.reload_error,
+        "worker_pid": os.getpid(),  # which process of `serve --workers N` answered
     }

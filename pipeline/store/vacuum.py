@@ -71,27 +71,34 @@ def vacuum_table(uri: str, *, cutoff: float, keep=(), staged=()) -> dict:
     """Delete the files under the table at `uri` that no version readable after `cutoff`
     (seconds since the epoch) names, older than the cutoff and not in `keep` (paths relative
     to the table); files under `_staged/<v>/` count for the model versions in `staged` only.
-    Then checkpoint and clean up the log. Returns {"files", "bytes"}, and "kept_all" with
-    the reason when the log no longer shows which files the window needs."""
+    Then checkpoint and clean up the log. Returns {"files", "bytes"} removed, {"kept_files",
+    "kept_bytes"} of files outside the latest version that were kept (the window or a
+    pending commit needs them, or they are younger than the cutoff), and "kept_all" with the
+    reason when the log no longer shows which files the window needs."""
     dt = tables.open_table(uri)
     if dt is None:
-        return {"files": 0, "bytes": 0}
+        return {"files": 0, "bytes": 0, "kept_files": 0, "kept_bytes": 0}
     fs = storage.filesystem(uri)
     root = storage.strip_scheme(uri).rstrip("/")
     needed = _files_needed(uri, dt, cutoff)
     if needed is None:
         log.warning("vacuum %s: kept every file: the log of the versions the retention needs is gone", uri)
-        return {"files": 0, "bytes": 0, "kept_all": "the log of a version within the retention is gone"}
+        return {"files": 0, "bytes": 0, "kept_files": 0, "kept_bytes": 0,
+                "kept_all": "the log of a version within the retention is gone"}
+    current = _files_needed(uri, dt, float("inf")) or set()  # the latest version's files alone
     keep = set(keep) | needed
     staged_prefixes = tuple(f"{STAGED_DIR}/{v}/{tables.EMBEDDINGS}/" for v in staged)
-    doomed = {}
+    doomed, kept = {}, {}
     fs.invalidate_cache(root)
     for path, info in fs.find(root, detail=True).items():
         rel = path[len(root) + 1:]
-        if info.get("type") != "file" or not _table_file(rel, staged_prefixes) or rel in keep:
+        if info.get("type") != "file" or not _table_file(rel, staged_prefixes) or rel in current:
             continue
-        if _mtime(fs, info) < cutoff:
-            doomed[path] = int(info.get("size") or 0)
+        size = int(info.get("size") or 0)
+        if rel in keep or _mtime(fs, info) >= cutoff:
+            kept[path] = size  # an older version within the retention, a pending commit, or too young
+        else:
+            doomed[path] = size
     if doomed:
         check_before_commit(uri)
         fs.rm(sorted(doomed))
@@ -100,8 +107,9 @@ def vacuum_table(uri: str, *, cutoff: float, keep=(), staged=()) -> dict:
     dt = tables.open_table(uri, write=True)
     dt.create_checkpoint()
     dt.cleanup_metadata()
-    log.info("vacuum %s: %d files, %d bytes", uri, len(doomed), sum(doomed.values()))
-    return {"files": len(doomed), "bytes": sum(doomed.values())}
+    log.info("vacuum %s: %d files, %d bytes removed; %d not in the latest version kept", uri, len(doomed),
+             sum(doomed.values()), len(kept))
+    return {"files": len(doomed), "bytes": sum(doomed.values()), "kept_files": len(kept), "kept_bytes": sum(kept.values())}
 
 
 def _table_file(rel: str, staged_prefixes: tuple) -> bool:

@@ -413,3 +413,35 @@ def test_a_full_decode_queue_answers_503_with_retry_after(indexed, tmp_path):
         assert client("GET", f"/api/thumb/{image_id}").status_code == 200
         slots.held = 1
         assert client("GET", f"/api/thumb/{image_id}").status_code == 200, "a cached thumbnail decodes nothing"
+
+
+def test_workers_share_one_port_and_stop_together(indexed):
+    """`serve --workers 2`: both processes answer on one port; SIGTERM stops them all, exit 0."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "sparse_embed.jobs.cli", "serve", "--index", indexed["index"],
+                             "--port", "0", "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("serving index ") and "with 2 workers" in first, first + proc.stderr.read()
+        url = first.split(" at ", 1)[1].split()[0]
+        children = {int(p) for p in re.search(r"pids ([\d, ]+)\)", first).group(1).split(", ")}
+        answered = set()
+        for _ in range(40):  # a new connection each time: the kernel spreads them over the workers
+            r = requests.get(f"{url}api/status", timeout=60, headers={"Connection": "close"})
+            assert r.status_code == 200
+            answered.add(r.json()["worker_pid"])
+        assert answered == children and len(children) == 2, (answered, children)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and out.strip().splitlines()[-1] == "stopped (SIGTERM)", (out, err)
+    for pid in children:
+        with pytest.raises(ProcessLookupError):  # stopped and reaped by the supervisor
+            os.kill(pid, 0)

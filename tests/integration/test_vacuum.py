@@ -122,7 +122,7 @@ def _output_bytes(out: str) -> tuple[int, int]:
     return stored, needed
 
 
-@pytest.mark.slow  # about 25 s a night on 2 cores: ./dev test -m slow tests/integration/test_vacuum.py
+@pytest.mark.slow  # about 45 s a night, 30 min in all on 2 cores: ./dev test -m slow tests/integration/test_vacuum.py
 @pytest.mark.timeout(3000)
 def test_forty_nights_with_compactions_and_vacuum_stay_bounded_and_keep_serving(ray_local, bucket, capsys, tmp_path):
     """40 nightlies (one object changed, one deleted, one added each night; deletion vectors,

@@ -53,11 +53,11 @@ def start_background(index: str, *, host: str = "127.0.0.1", port: int = 0, chec
 def run(args) -> int:
     import asyncio
 
-    from sparse_embed.pipeline.serve.access import AccessPolicy, read_token_file
+    from sparse_embed.pipeline.serve.access import AccessPolicy, is_loopback, read_token_file
     from sparse_embed.pipeline.serve.app import build_app
     from sparse_embed.pipeline.serve.decode_slots import DEFAULT_RUNNING, DecodeSlots
     from sparse_embed.pipeline.serve.live_index import LiveIndex
-    from sparse_embed.pipeline.serve.runner import is_loopback, serve_forever
+    from sparse_embed.pipeline.serve.runner import serve_forever
     from sparse_embed.pipeline.store.storage import check_readable
 
     if not 0 <= args.port <= 65535:

@@ -15,14 +15,27 @@ Each refusal is a RequestError (403, or 401 for the token) with one sentence.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
+
+from aiohttp import web
 
 from .requests import RequestError
 
 TOKEN_COOKIE = "sparse_embed_token"
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def host_and_port(value: str) -> tuple[str, int | None]:
@@ -46,8 +59,6 @@ class AccessPolicy:
     def for_listener(cls, host: str, *, allowed_hosts=(), token: str | None = None) -> "AccessPolicy":
         """The policy of a server listening on `host`; a wildcard address (0.0.0.0, ::) has no
         name of its own, so it needs --allowed-host."""
-        from .runner import is_loopback
-
         names = {h.strip().lower().strip("[]") for h in allowed_hosts if h.strip()}
         if is_loopback(host):
             names |= LOOPBACK_NAMES
@@ -84,6 +95,9 @@ class AccessPolicy:
         header = request.headers.get("Authorization", "")
         given = header[len("Bearer "):] if header.startswith("Bearer ") else request.cookies.get(TOKEN_COOKIE, "")
         return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
+
+
+ACCESS = web.AppKey("access", AccessPolicy)  # the app's policy; the runner sets its port once bound
 
 
 def read_token_file(path: str) -> str:

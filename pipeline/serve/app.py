@@ -24,7 +24,7 @@ from pathlib import Path
 
 from aiohttp import web  # aiohttp comes with ray[default]; importing it costs ~0.1 s, not torch's seconds
 
-from .access import TOKEN_COOKIE, AccessPolicy
+from .access import ACCESS, TOKEN_COOKIE, AccessPolicy
 from .decode_slots import DecodeSlots
 from .requests import DEFAULT_MAX_UPLOAD_BYTES, MAX_K, RequestError, check_upload_size, parse_image_id, search_query
 
@@ -38,7 +38,6 @@ ENCODERS = web.AppKey("encoders", object)  # QueryEncoders
 THUMBS = web.AppKey("thumbs", object)  # ThumbCache
 MAX_OBJECT = web.AppKey("max_object", int)  # bytes a thumbnail reads of an object at most
 MAX_PIXELS = web.AppKey("max_pixels", int)  # pixels a thumbnail or upload may decode to
-ACCESS = web.AppKey("access", AccessPolicy)
 DECODES = web.AppKey("decodes", DecodeSlots)
 IO_POOL = web.AppKey("io_pool", ThreadPoolExecutor)  # faiss, table and object reads
 ENCODE_POOL = web.AppKey("encode_pool", ThreadPoolExecutor)  # one thread: one forward pass at a time

@@ -3,21 +3,12 @@ background thread with its own event loop (demo --serve, tests, benchmarks)."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import signal
 import threading
 
+from .access import ACCESS
+
 LOOPBACK = "127.0.0.1"
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def address(host: str, port: int) -> str:
@@ -38,8 +29,6 @@ async def start_site(app, host: str, port: int, *, reuse_port: bool = False):
         await runner.cleanup()
         raise ValueError(f"Cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host") from None
     bound = runner.addresses[0]
-    from .app import ACCESS
-
     if ACCESS in app:
         app[ACCESS].port = bound[1]  # a Host header naming another port is refused from now on
     return runner, address(host, bound[1])

@@ -10,7 +10,8 @@ import pytest
 from sparse_embed.pipeline.serve.live_index import LiveIndex, check_due
 from sparse_embed.pipeline.serve.requests import (DEFAULT_K, MAX_K, RequestError, check_upload_size, parse_image_id,
                                                   parse_k, search_query)
-from sparse_embed.pipeline.serve.runner import address, is_loopback
+from sparse_embed.pipeline.serve.access import is_loopback
+from sparse_embed.pipeline.serve.runner import address
 from sparse_embed.pipeline.serve.thumbs import ThumbCache, thumbnail_jpeg
 
 

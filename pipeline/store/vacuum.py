@@ -128,11 +128,12 @@ def _files_needed(uri: str, dt, cutoff: float) -> set | None:
     """Paths (relative to the table, decoded) of the data files and deletion-vector files
     that a version readable after `cutoff` names: the files of the last version committed
     before the cutoff (or the oldest version the log holds) and every file added since.
-    None when that version or a later commit can no longer be read from the log."""
-    history = dt.history()
-    times = {h["version"]: h.get("timestamp", 0) for h in history if "version" in h}
-    times.setdefault(dt.version(), 0)
-    before = [v for v, t in times.items() if t < cutoff * 1000]
+    A version's time is its commit file's modification time (the store's clock, the one
+    the data files' ages are read with). None when that version or a later commit can no
+    longer be read from the log."""
+    times = _commit_times(uri)
+    times.setdefault(dt.version(), 0.0)
+    before = [v for v, t in times.items() if t < cutoff]
     first = max(before) if before else min(times)
     try:
         old = tables.open_table(uri, first)
@@ -158,6 +159,18 @@ def _files_needed(uri: str, dt, cutoff: float) -> set | None:
                     needed.add(_vector_path(add["deletionVector"]))
     needed.discard(None)
     return needed
+
+
+def _commit_times(uri: str) -> dict[int, float]:
+    """{version: modification time of its commit file} of the commits the log holds."""
+    fs = storage.filesystem(uri)
+    base = storage.strip_scheme(delta_log.log_uri(uri)).rstrip("/")
+    times = {}
+    for e in fs.ls(base, detail=True, refresh=True):
+        name = e["name"].rsplit("/", 1)[-1]
+        if len(name) == 25 and name.endswith(".json") and name[:20].isdigit():
+            times[int(name[:20])] = _mtime(fs, e)
+    return times
 
 
 def _vector_path(dv: dict) -> str | None:

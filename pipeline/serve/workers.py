@@ -6,7 +6,6 @@ forwards SIGINT/SIGTERM, and stops them all when one of them dies (the service m
 restarts the whole server)."""
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -42,9 +41,8 @@ def run_workers(child_argv: list[str], n: int) -> int:
     """Start `n` copies of `sparse-embed serve` with `child_argv` (which names a fixed port and
     --reuse-port); return 0 after a clean stop by signal, 1 if a worker failed."""
     stop = {"by": None}
-    env = {k: v for k, v in os.environ.items()}
     procs = [subprocess.Popen([sys.executable, "-m", "sparse_embed.jobs.cli", "serve", *child_argv],
-                              stdout=subprocess.PIPE, text=True, env=env) for _ in range(n)]
+                              stdout=subprocess.PIPE, text=True) for _ in range(n)]
 
     def forward(signum, _frame):
         stop["by"] = stop["by"] or signal.Signals(signum).name

@@ -85,7 +85,7 @@ def vacuum_table(uri: str, *, cutoff: float, keep=(), staged=()) -> dict:
         log.warning("vacuum %s: kept every file: the log of the versions the retention needs is gone", uri)
         return {"files": 0, "bytes": 0, "kept_files": 0, "kept_bytes": 0,
                 "kept_all": "the log of a version within the retention is gone"}
-    current = _files_needed(uri, dt, float("inf")) or set()  # the latest version's files alone
+    current = _files_of(uri, dt)  # the latest version's files alone
     keep = set(keep) | needed
     staged_prefixes = tuple(f"{STAGED_DIR}/{v}/{tables.EMBEDDINGS}/" for v in staged)
     doomed, kept = {}, {}
@@ -139,13 +139,8 @@ def _files_needed(uri: str, dt, cutoff: float) -> set | None:
         old = tables.open_table(uri, first)
     except Exception:  # noqa: BLE001 - the log before a checkpoint was cleaned up: it names nothing readable
         return None
-    import pyarrow as pa
-
+    needed = _files_of(uri, old)
     root = storage.strip_scheme(uri).rstrip("/")
-    paths = [relative_to_table(p, root) for p in pa.table(old.get_add_actions(flatten=True)).column("path").to_pylist()]
-    needed = set(paths)
-    if delta_log.uses_deletion_vectors(old):
-        needed |= {_vector_path(d) for d in delta_log.deletion_vectors(uri, first, paths).values()}
     for v in range(first + 1, dt.version() + 1):
         try:
             body = storage.read_bytes(delta_log.log_uri(uri, delta_log.commit_name(v)))
@@ -159,6 +154,20 @@ def _files_needed(uri: str, dt, cutoff: float) -> set | None:
                     needed.add(_vector_path(add["deletionVector"]))
     needed.discard(None)
     return needed
+
+
+def _files_of(uri: str, dt) -> set:
+    """Paths (relative to the table, decoded) of the data files and deletion-vector files of
+    the version `dt` is loaded at."""
+    import pyarrow as pa
+
+    root = storage.strip_scheme(uri).rstrip("/")
+    paths = [relative_to_table(p, root) for p in pa.table(dt.get_add_actions(flatten=True)).column("path").to_pylist()]
+    files = set(paths)
+    if delta_log.uses_deletion_vectors(dt):
+        files |= {_vector_path(d) for d in delta_log.deletion_vectors(uri, dt.version(), paths).values()}
+    files.discard(None)
+    return files
 
 
 def _commit_times(uri: str) -> dict[int, float]:
